@@ -1,0 +1,190 @@
+"""
+Packed sparse Linear for inference: y = x @ W.T reading only the compressed weight W [D, C] (out, in).
+
+    model = kernels.pack_model(model, '2:4')  # or 'block16'; decoder Linears must already hold exact zeros
+    kernels.backend = 'torch'                 # force the PyTorch twins, e.g. to check the kernels
+
+2:4      vals [D, C/2] + meta [D, ceil(C/8)] uint8: per group of 4 along C a 4-bit code i0 | i1 << 2
+         (kept positions, i0 < i1), two groups a byte. fp16: 9/16 of the dense bytes.
+block16  tiles [D/16, K, 16, 16] + cols [D/16, K] int32: tiles[b, t] = W[16b:16b+16, 16*cols[b, t]:+16];
+         K = most nonzero tiles in any 16-row band, the other bands are padded with zero tiles.
+On CPU the Triton kernels run only under TRITON_INTERPRET=1, set before import (fp16/fp32; bf16 is wrong there).
+"""
+import os
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+# 'auto': on CUDA Triton for decode, cuSPARSELt for 2:4 when M > 64 on sm80+ (compute-bound, sparse tensor
+# cores win, its batch padding stops mattering); Triton under TRITON_INTERPRET; else the torch twin.
+backend = 'auto'  # 'auto' | 'triton' | 'torch' | 'cusparselt'
+INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
+
+# -----------------------------------------------------------------------------
+# formats
+
+def _keep(nz, k):
+    # [..., n] bool -> [..., k] indices to store: nonzeros first, then the lowest zero slots, ascending
+    return (~nz).to(torch.uint8).argsort(dim=-1, stable=True)[..., :k].sort(-1).values
+
+def pack24(w):
+    D, C = w.shape
+    g = w.reshape(D, C // 4, 4)
+    bad = int(((g != 0).sum(-1) > 2).sum())
+    if bad:
+        raise ValueError(f"weight [{D}, {C}] is not 2:4: {bad} of {D * C // 4} groups of 4 have more than 2 "
+                         "nonzeros; harden the mask (exactly 2 per group) and zero the weight before packing")
+    idx = _keep(g != 0, 2)                                        # [D, C/4, 2] positions in 0..3
+    vals = g.gather(-1, idx).reshape(D, C // 2)
+    code = (idx[..., 0] | idx[..., 1] << 2).to(torch.uint8)       # [D, C/4]
+    code = F.pad(code, (0, code.shape[1] % 2))                    # odd group count: pad to whole bytes
+    return vals, code[:, 0::2] | code[:, 1::2] << 4               # [D, ceil(C/8)]
+
+def unpack24(vals, meta):
+    D, C = vals.shape[0], vals.shape[1] * 2
+    code = torch.stack((meta & 15, meta >> 4), -1).reshape(D, -1)[:, :C // 4].long()
+    idx = torch.stack((code & 3, code >> 2), -1)                  # [D, C/4, 2]
+    return vals.new_zeros(D, C // 4, 4).scatter_(-1, idx, vals.reshape(D, C // 4, 2)).reshape(D, C)
+
+def pack_block16(w):
+    D, C = w.shape
+    if D % 16 or C % 16:
+        raise ValueError(f"block16 needs both dims % 16 == 0, got [{D}, {C}]")
+    t = w.reshape(D // 16, 16, C // 16, 16).transpose(1, 2)       # [D/16, C/16, 16, 16] (band, tile col)
+    nz = t.flatten(2).ne(0).any(-1)                               # [D/16, C/16]
+    cols = _keep(nz, int(nz.sum(1).max()))                        # [D/16, K]
+    return t[torch.arange(D // 16, device=w.device)[:, None], cols].contiguous(), cols.int()
+
+def unpack_block16(tiles, cols, C):
+    B = cols.shape[0]
+    t = tiles.new_zeros(B, C // 16, 16, 16)
+    t[torch.arange(B, device=tiles.device)[:, None], cols.long()] = tiles
+    return t.transpose(1, 2).reshape(B * 16, C)
+
+# -----------------------------------------------------------------------------
+# PyTorch twins: the spec each kernel must match
+
+def matmul24_ref(x, vals, meta, bias=None):
+    return F.linear(x, unpack24(vals, meta), bias)
+
+def matmul_block16_ref(x, tiles, cols, bias=None):
+    return F.linear(x, unpack_block16(tiles, cols, x.shape[-1]), bias)
+
+# -----------------------------------------------------------------------------
+# Triton kernels: one program computes y[BM rows, BN cols], fp32 accumulation
+
+@triton.jit
+def _group_col(i0, i1, v0, v1, p):
+    # column p of every group of 4; i0 != i1, so at most one term is nonzero and the sum is exact
+    return tl.where(i0 == p, v0, 0.) + tl.where(i1 == p, v1, 0.)
+
+@triton.jit
+def _matmul24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, M, D, C, CM, HAS_BIAS: tl.constexpr,
+                     PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, C, BK):
+        rk, rv, rc = k0 + tl.arange(0, BK), k0 // 2 + tl.arange(0, BK // 2), k0 // 8 + tl.arange(0, BK // 8)
+        x = tl.load(x_ptr + rm[:, None] * C + rk, mask=(rm[:, None] < M) & (rk < C), other=0.)
+        v = tl.load(v_ptr + rn[:, None] * (C // 2) + rv, mask=(rn[:, None] < D) & (rv < C // 2), other=0.)
+        m = tl.load(m_ptr + rn[:, None] * CM + rc, mask=(rn[:, None] < D) & (rc < CM), other=0)
+        code = tl.interleave(m & 15, m >> 4)                      # [BN, BK/4] one code per group
+        i0, i1 = code & 3, code >> 2
+        v0, v1 = tl.split(tl.reshape(v, (BN, BK // 4, 2)))        # [BN, BK/4] each
+        w = tl.interleave(tl.interleave(_group_col(i0, i1, v0, v1, 0), _group_col(i0, i1, v0, v1, 2)),
+                          tl.interleave(_group_col(i0, i1, v0, v1, 1), _group_col(i0, i1, v0, v1, 3)))
+        acc += tl.dot(x, tl.trans(w), input_precision=PREC)      # w: [BN, BK] dense tile
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < D, other=0.).to(tl.float32)
+    tl.store(y_ptr + rm[:, None] * D + rn, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn < D))
+
+@triton.jit
+def _block16_kernel(x_ptr, t_ptr, c_ptr, b_ptr, y_ptr, M, D, C, K, HAS_BIAS: tl.constexpr,
+                    PREC: tl.constexpr, BM: tl.constexpr, TK: tl.constexpr):
+    # one program: BM rows of x times one 16-row band, walking its K kept tiles TK at a time
+    band = tl.program_id(1)
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn, rj = tl.arange(0, 16), tl.arange(0, TK * 16)              # rj: column within TK tiles side by side
+    acc = tl.zeros((BM, 16), tl.float32)
+    for k0 in range(0, K, TK):
+        t = k0 + rj // 16                                         # [TK*16] tile slot of each column
+        col = tl.load(c_ptr + band * K + t, mask=t < K, other=0) * 16 + rj % 16   # x column to gather
+        x = tl.load(x_ptr + rm[:, None] * C + col, mask=(rm[:, None] < M) & (t < K), other=0.)
+        w = tl.load(t_ptr + ((band * K + t) * 16 + rn[:, None]) * 16 + rj % 16, mask=t < K, other=0.)
+        acc += tl.dot(x, tl.trans(w), input_precision=PREC)      # [BM, TK*16] @ [TK*16, 16]
+    rn += band * 16
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn).to(tl.float32)
+    tl.store(y_ptr + rm[:, None] * D + rn, acc.to(y_ptr.dtype.element_ty), mask=rm[:, None] < M)
+
+# Wrappers flatten x to [M, C]. Decode (M <= 16) is memory-bound: thin programs, many of them, long K steps
+# (BM = 16 is tl.dot's minimum). fp32 runs as exact fp32 ('ieee'), not tf32; the flag is a no-op for 16-bit.
+
+def matmul24(x, vals, meta, bias=None):
+    x2, D = x.reshape(-1, x.shape[-1]).contiguous(), vals.shape[0]
+    (M, C), y = x2.shape, torch.empty(x2.shape[0], D, dtype=x.dtype, device=x.device)
+    BM, BN, BK = (16, 32, 256) if M <= 16 else (64, 64, 64)
+    _matmul24_kernel[(triton.cdiv(M, BM), triton.cdiv(D, BN))](
+        x2, vals, meta, x2 if bias is None else bias, y, M, D, C, meta.shape[1], bias is not None,
+        'ieee' if x.dtype == torch.float32 else 'tf32', BM, BN, BK)
+    return y.reshape(*x.shape[:-1], D)
+
+def matmul_block16(x, tiles, cols, bias=None):
+    x2, D = x.reshape(-1, x.shape[-1]).contiguous(), cols.shape[0] * 16
+    (M, C), y = x2.shape, torch.empty(x2.shape[0], D, dtype=x.dtype, device=x.device)
+    BM, TK = (16, 8) if M <= 16 else (64, 4)
+    _block16_kernel[(triton.cdiv(M, BM), cols.shape[0])](
+        x2, tiles, cols, x2 if bias is None else bias, y, M, D, C, cols.shape[1], bias is not None,
+        'ieee' if x.dtype == torch.float32 else 'tf32', BM, TK)
+    return y.reshape(*x.shape[:-1], D)
+
+# -----------------------------------------------------------------------------
+# module swap
+
+FORMATS = {'2:4': (pack24, matmul24, matmul24_ref), 'block16': (pack_block16, matmul_block16, matmul_block16_ref)}
+
+def _path(x, pattern):
+    if backend != 'auto':
+        return backend
+    if not x.is_cuda:
+        return 'triton' if INTERPRET else 'torch'
+    big = pattern == '2:4' and x.numel() > 64 * x.shape[-1] and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return 'cusparselt' if big else 'triton'
+
+class PackedLinear(nn.Module):
+    """Drop-in for an nn.Linear whose weight already holds exact zeros in `pattern`; stores only the packed
+    weight: vals/meta are (vals, meta) for 2:4 and (tiles, cols) for block16."""
+
+    def __init__(self, linear, pattern):
+        super().__init__()
+        self.pattern, self.in_features, self.out_features = pattern, linear.in_features, linear.out_features
+        vals, meta = FORMATS[pattern][0](linear.weight.detach())
+        self.register_buffer('vals', vals)
+        self.register_buffer('meta', meta)
+        self.register_buffer('bias', None if linear.bias is None else linear.bias.detach().clone())
+        self._sparse = None  # cuSPARSELt copy of the weight, built on the first large-M call (not saved)
+
+    def forward(self, x):
+        path = _path(x, self.pattern)
+        if path == 'cusparselt':
+            if self.pattern != '2:4':
+                raise ValueError(f"cuSPARSELt runs 2:4 only, not {self.pattern}")
+            if self._sparse is None:
+                self._sparse = torch.sparse.to_sparse_semi_structured(unpack24(self.vals, self.meta))
+            return F.linear(x.reshape(-1, self.in_features), self._sparse, self.bias).reshape(*x.shape[:-1], -1)
+        fn = FORMATS[self.pattern][{'triton': 1, 'torch': 2}[path]]
+        return fn(x, self.vals, self.meta, self.bias)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern}"
+
+def pack_model(model, pattern):
+    # swap every nn.Linear inside the decoder blocks; embeddings and lm_head stay dense
+    for module in list(model.transformer.h.modules()):  # list: we setattr while walking
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(module, name, PackedLinear(child, pattern))
+    return model
