@@ -63,7 +63,6 @@ def unpack_block16(tiles, cols, C):
     t[torch.arange(B, device=tiles.device)[:, None], cols.long()] = tiles
     return t.transpose(1, 2).reshape(B * 16, C)
 
-# -----------------------------------------------------------------------------
 # PyTorch twins: the spec each kernel must match
 
 def matmul24_ref(x, vals, meta, bias=None):
@@ -120,21 +119,23 @@ def _block16_kernel(x_ptr, t_ptr, c_ptr, b_ptr, y_ptr, M, D, C, K, HAS_BIAS: tl.
         acc += tl.load(b_ptr + rn).to(tl.float32)
     tl.store(y_ptr + rm[:, None] * D + rn, acc.to(y_ptr.dtype.element_ty), mask=rm[:, None] < M)
 
-# Wrappers flatten x to [M, C]. Decode (M <= 16) is memory-bound: thin programs, many of them, long K steps
-# (BM = 16 is tl.dot's minimum). fp32 runs as exact fp32 ('ieee'), not tf32; the flag is a no-op for 16-bit.
+# Wrappers flatten x to [M, C]. Decode (M <= 16) is memory-bound: thin programs (D/16 of them, enough to fill
+# the SMs), long K steps (BM = 16 is tl.dot's minimum). Block sizes are a first guess, not tuned on a GPU yet. fp32 runs as exact fp32 ('ieee'), not tf32; the flag is a no-op for 16-bit.
 
 def matmul24(x, vals, meta, bias=None):
-    x2, D = x.reshape(-1, x.shape[-1]).contiguous(), vals.shape[0]
-    (M, C), y = x2.shape, torch.empty(x2.shape[0], D, dtype=x.dtype, device=x.device)
-    BM, BN, BK = (16, 32, 256) if M <= 16 else (64, 64, 64)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    (M, C), D = x2.shape, vals.shape[0]
+    y = torch.empty(M, D, dtype=x.dtype, device=x.device)
+    BM, BN, BK = (16, 16, 256) if M <= 16 else (64, 64, 64)
     _matmul24_kernel[(triton.cdiv(M, BM), triton.cdiv(D, BN))](
         x2, vals, meta, x2 if bias is None else bias, y, M, D, C, meta.shape[1], bias is not None,
         'ieee' if x.dtype == torch.float32 else 'tf32', BM, BN, BK)
     return y.reshape(*x.shape[:-1], D)
 
 def matmul_block16(x, tiles, cols, bias=None):
-    x2, D = x.reshape(-1, x.shape[-1]).contiguous(), cols.shape[0] * 16
-    (M, C), y = x2.shape, torch.empty(x2.shape[0], D, dtype=x.dtype, device=x.device)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    (M, C), D = x2.shape, cols.shape[0] * 16
+    y = torch.empty(M, D, dtype=x.dtype, device=x.device)
     BM, TK = (16, 8) if M <= 16 else (64, 4)
     _block16_kernel[(triton.cdiv(M, BM), cols.shape[0])](
         x2, tiles, cols, x2 if bias is None else bias, y, M, D, C, cols.shape[1], bias is not None,
@@ -145,14 +146,6 @@ def matmul_block16(x, tiles, cols, bias=None):
 # module swap
 
 FORMATS = {'2:4': (pack24, matmul24, matmul24_ref), 'block16': (pack_block16, matmul_block16, matmul_block16_ref)}
-
-def _path(x, pattern):
-    if backend != 'auto':
-        return backend
-    if not x.is_cuda:
-        return 'triton' if INTERPRET else 'torch'
-    big = pattern == '2:4' and x.numel() > 64 * x.shape[-1] and torch.cuda.get_device_capability(x.device) >= (8, 0)
-    return 'cusparselt' if big else 'triton'
 
 class PackedLinear(nn.Module):
     """Drop-in for an nn.Linear whose weight already holds exact zeros in `pattern`; stores only the packed
@@ -168,10 +161,13 @@ class PackedLinear(nn.Module):
         self._sparse = None  # cuSPARSELt copy of the weight, built on the first large-M call (not saved)
 
     def forward(self, x):
-        path = _path(x, self.pattern)
+        path = backend
+        if path == 'auto':  # the rule is at `backend` above; M = x.numel() / C
+            big = self.pattern == '2:4' and x.is_cuda and x.numel() > 64 * self.in_features
+            big = big and torch.cuda.get_device_capability(x.device) >= (8, 0)
+            path = 'cusparselt' if big else 'triton' if x.is_cuda or INTERPRET else 'torch'
         if path == 'cusparselt':
-            if self.pattern != '2:4':
-                raise ValueError(f"cuSPARSELt runs 2:4 only, not {self.pattern}")
+            assert self.pattern == '2:4', "cuSPARSELt runs 2:4 only"
             if self._sparse is None:
                 self._sparse = torch.sparse.to_sparse_semi_structured(unpack24(self.vals, self.meta))
             return F.linear(x.reshape(-1, self.in_features), self._sparse, self.bias).reshape(*x.shape[:-1], -1)

@@ -35,6 +35,7 @@ batch_size = 4                 # sequences per micro-batch
 block_size = 256
 gradient_accumulation_steps = 1
 max_iters = 240
+stop_iter = 0                  # stop after the checkpoint at this iteration, to split a run; 0: run to max_iters
 learning_rate = 1e-4
 min_lr = 1e-5
 warmup_iters = 10
@@ -218,12 +219,12 @@ while True:
         l.x.fill_(x)
     if sparse and iter_num == min(it_hard1, max_iters) and not one_shot:
         sf.finalize(layers, optimizer)
-    if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or iter_num == 0):
+    if (iter_num % eval_interval == 0 or iter_num in (max_iters, stop_iter)) and (iter_num != start_iter or iter_num == 0):
         val_ppl = evaluate(raw_model)
         if master:
             print(f'iter {iter_num}: val ppl {val_ppl:.2f}')
             save()
-    if iter_num >= max_iters:
+    if iter_num >= max_iters or iter_num == stop_iter:
         break
     t0 = time.time()
     for micro in range(gradient_accumulation_steps):

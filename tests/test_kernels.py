@@ -1,0 +1,144 @@
+"""
+Packed formats round-trip exactly; Triton kernels == PyTorch twins == dense matmul; module swap is a no-op.
+On CPU the kernels run in the Triton interpreter (set before `import kernels`); on CUDA they run for real.
+
+    python -m pytest tests/test_kernels.py -q
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+cuda = torch.cuda.is_available()
+if not cuda:
+    os.environ['TRITON_INTERPRET'] = '1'  # read when the kernels are decorated, i.e. at import
+import kernels
+
+dev = 'cuda' if cuda else 'cpu'
+gpu = pytest.mark.skipif(not cuda, reason='needs CUDA')
+pytestmark = pytest.mark.skipif(not (cuda or kernels.INTERPRET), reason='kernels was imported before TRITON_INTERPRET=1')
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if cuda else [])  # bf16 is garbage in the interpreter
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+def sparse24(D, C, dtype):
+    # random 2:4 weight; row 0 has groups with 1 and 0 nonzeros, to exercise the padding positions
+    idx = torch.rand(D, C // 4, 4).topk(2, -1).indices
+    w = torch.zeros(D, C // 4, 4).scatter(-1, idx, torch.randn(D, C // 4, 2)).view(D, C)
+    w[0, :4], w[0, 5] = 0, 0
+    return w.to(dev, dtype)
+
+def sparse16(D, C, dtype):
+    # random block16 weight with unbalanced bands (band 0 empty), to exercise the zero-tile padding
+    keep = torch.rand(D // 16, C // 16) < 0.5
+    keep[0], keep[-1, 0] = False, True
+    w = torch.randn(D, C) * keep.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    return w.to(dev, dtype)
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+def rel_err(y, ref):
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
+def test_roundtrip(dtype):
+    w = sparse24(32, 100, dtype)  # 25 groups: meta's last byte is half padding
+    vals, meta = kernels.pack24(w)
+    assert vals.shape == (32, 50) and meta.shape == (32, 13) and meta.dtype == torch.uint8
+    assert torch.equal(kernels.unpack24(vals, meta), w)
+    w = sparse16(64, 96, dtype)
+    tiles, cols = kernels.pack_block16(w)
+    assert tiles.shape[:2] == cols.shape and cols.shape[0] == 4 and cols.dtype == torch.int32
+    assert torch.equal(kernels.unpack_block16(tiles, cols, 96), w)
+
+def test_pack_errors():
+    w = sparse24(32, 64, torch.float32)
+    w[3, 8:11] = 1.  # 3 nonzeros in one group
+    with pytest.raises(ValueError, match=r'not 2:4: 1 of 512 groups'):
+        kernels.pack24(w)
+    with pytest.raises(ValueError, match='% 16'):
+        kernels.pack_block16(torch.zeros(24, 64))
+
+# (lead dims of x, D, C): M = 1 (decode), odd M, M above one 16-row block, 3-D x, C not a multiple of the K step
+SHAPES = [((1,), 32, 64), ((3,), 48, 96), ((17,), 32, 128), ((2, 5), 48, 64), ((70,), 32, 112)]
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('lead,D,C', SHAPES)
+@pytest.mark.parametrize('pattern', ['2:4', 'block16'])
+def test_matmul(pattern, lead, D, C, dtype):
+    make, pack, kernel, twin = {
+        '2:4': (sparse24, kernels.pack24, kernels.matmul24, kernels.matmul24_ref),
+        'block16': (sparse16, kernels.pack_block16, kernels.matmul_block16, kernels.matmul_block16_ref)}[pattern]
+    w = make(D, C, dtype)
+    x = torch.randn(*lead, C, device=dev, dtype=dtype)
+    for b in (None, torch.randn(D, device=dev, dtype=dtype)):
+        ref = x.double() @ w.double().T + (0 if b is None else b.double())
+        y, y_twin = kernel(x, *pack(w), b), twin(x, *pack(w), b)
+        assert y.shape == (*lead, D) and y.dtype == dtype
+        assert rel_err(y, ref) < TOL[dtype] and rel_err(y_twin, ref) < TOL[dtype]
+
+class Tiny(nn.Module):
+    # the shape of model.py's GPT that pack_model relies on: transformer.h is a ModuleList of blocks
+    def __init__(self, C=64):
+        super().__init__()
+        block = lambda: nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C, bias=False))
+        self.transformer = nn.ModuleDict(dict(h=nn.ModuleList([block(), block()])))
+        self.lm_head = nn.Linear(C, 32, bias=False)
+
+    def forward(self, x):
+        for block in self.transformer.h:
+            x = x + block(x)
+        return self.lm_head(x)
+
+@pytest.mark.parametrize('pattern', ['2:4', 'block16'])
+def test_pack_model(pattern):
+    model = Tiny().to(dev)
+    with torch.no_grad():  # prune the decoder Linears into the pattern: 2:4 by magnitude, block16 every other tile
+        for m in model.transformer.h.modules():
+            if isinstance(m, nn.Linear) and pattern == '2:4':
+                g = m.weight.view(m.out_features, -1, 4)
+                g.scatter_(-1, g.abs().topk(2, -1, largest=False).indices, 0)
+            elif isinstance(m, nn.Linear):
+                m.weight.view(m.out_features // 16, 16, -1, 32)[..., 16:] = 0
+    x = torch.randn(2, 5, 64, device=dev)
+    with torch.no_grad():
+        y = model(x)
+        kernels.pack_model(model, pattern)
+        y_packed = model(x)
+    assert isinstance(model.transformer.h[0][0], kernels.PackedLinear) and type(model.lm_head) is nn.Linear
+    assert not any(k.endswith('weight') for k in model.transformer.h.state_dict())  # only packed buffers
+    assert rel_err(y_packed, y.double()) < 1e-5
+
+@pytest.mark.skipif(cuda, reason='checks the CPU fallback')
+def test_cpu_without_interpreter_uses_twin():
+    # without TRITON_INTERPRET a Triton launch on CPU would fail, so this passing means the twin ran
+    code = ("import torch, torch.nn as nn, kernels; l = nn.Linear(64, 32); l.weight.data.view(32, 16, 4)[..., :2] = 0; "
+            "x = torch.randn(3, 64); assert torch.allclose(kernels.PackedLinear(l, '2:4')(x), l(x))")
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, check=True)
+
+@gpu
+def test_cusparselt():
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip('cuSPARSELt needs sm80+')
+    lin = nn.Linear(512, 256).to(dev, torch.float16)
+    lin.weight.data = sparse24(256, 512, torch.float16)
+    packed, x = kernels.PackedLinear(lin, '2:4'), torch.randn(4, 64, 512, device=dev, dtype=torch.float16)
+    y = packed(x)  # M = 256 > 64: the auto rule picks cuSPARSELt
+    assert packed._sparse is not None and rel_err(y, lin(x).double()) < 1e-3
+
+@gpu
+def test_decode_faster_than_dense():
+    # M = 1 is memory-bound: reading 9/16 of the bytes should beat cuBLAS (ideal 1.78x)
+    from triton.testing import do_bench
+    w, x = sparse24(11008, 4096, torch.float16), torch.randn(1, 4096, device=dev, dtype=torch.float16)
+    vals, meta = kernels.pack24(w)
+    dense, sparse = do_bench(lambda: x @ w.T), do_bench(lambda: kernels.matmul24(x, vals, meta))
+    assert sparse < dense, f'2:4 kernel {sparse * 1e3:.1f} us vs dense {dense * 1e3:.1f} us'

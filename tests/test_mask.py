@@ -1,0 +1,96 @@
+"""The mask algorithm against its definitions: exact patterns, the gate's N above 0.5, Hutchinson against
+the exact Hessian diagonal, the straight-through gradient, +0.0 after finalisation, SparseGPT < Wanda < magnitude."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import mask as sf
+from model import GPT, GPTConfig
+
+def layer(D=32, C=64, pattern='2:4', seed=0):
+    torch.manual_seed(seed)
+    return sf.SparseLinear(nn.Linear(C, D), pattern)
+
+@pytest.mark.parametrize('pattern,n,m', [('2:4', 2, 4), ('4:8', 4, 8), ('1:4', 1, 4)])
+def test_nm_projection_and_gate(pattern, n, m):
+    l = layer(pattern=pattern)
+    ties = torch.randint(0, 3, (32, 64)).float()  # many ties inside the groups
+    assert (sf.project(ties, pattern).view(-1, m).sum(-1) == n).all()
+    sf.update([l], 'magnitude', T=0.5, beta=0.0, lam=0.0, alpha=1.0)  # alpha = 1: the mask is the gate G
+    assert ((l.mask > 0.5).view(-1, m).sum(-1) == n).all()  # Eq. 3: exactly N above 0.5 per group
+    assert torch.equal(l.proj, (l.mask > 0.5).float())
+    assert torch.equal(l.proj, sf.project(l.weight.abs(), pattern))  # magnitude top-N
+
+def test_block16_and_unstructured():
+    t = torch.randint(0, 2, (48, 64)).float()  # ties between tiles too
+    p = sf.project(t, 'block16').view(3, 16, 4, 16)
+    assert ((p == p[:, :1, :, :1]).all())  # whole tiles kept or dropped
+    assert (p[:, 0, :, 0].sum(-1) == 2).all()  # exactly half the tiles of every 16-row band
+    assert sf.project(t, 'unstructured').sum() == 48 * 64 // 2
+    l = layer(48, 64, 'block16')
+    sf.update([l], 'magnitude', T=0.5, beta=0.0, lam=0.0, alpha=1.0)
+    assert ((l.mask > 0.5).view(3, 16, 4, 16)[:, 0, :, 0].sum(-1) == 2).all()
+    tiles = l.weight.detach().abs().view(3, 16, 4, 16).sum((1, 3))  # ranked by the summed score
+    assert torch.equal(l.proj.view(3, 16, 4, 16)[:, 0, :, 0], sf.topn(tiles, 2)[0])
+
+def test_hutchinson_matches_exact_hessian_diagonal():
+    torch.manual_seed(0)
+    l = layer(4, 8)
+    l.mask.uniform_()  # a soft mask: with the straight-through gradient, H is taken at W_eff = W * m
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    loss_fn = lambda: F.cross_entropy(torch.tanh(l(x)) * 3, y)
+    exact = torch.func.hessian(lambda w: F.cross_entropy(torch.tanh(F.linear(x, w, l.bias)) * 3, y))(
+        (l.weight * l.mask).detach()).reshape(32, 32).diagonal().view(4, 8)
+    for k in range(4000):  # beta = k / (k + 1): the EMA becomes the plain mean of the probes
+        sf.hutchinson([l], loss_fn, beta=k / (k + 1))
+    assert (l.hess - exact).norm() / exact.norm() < 0.05
+    assert exact.abs().min() > 0 and (l.hess - exact).norm() < 0.3 * (exact - exact.mean()).norm()
+
+def test_hutchinson_in_a_model_is_alive():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig('llama', block_size=32, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                          head_dim=16, n_inner=128, qkv_bias=False, o_bias=False, mlp_bias=False))
+    layers = sf.sparsify(model, '2:4')
+    idx = torch.randint(0, 64, (4, 32))
+    sf.hutchinson(layers, lambda: model(idx, idx)[1], beta=0.0)  # through attention: double backward
+    for l in layers:
+        assert l.hess.abs().min() >= 0 and l.hess.abs().mean() > 0
+        differs = (sf.project(sf.score(l, 'hessian'), '2:4') != sf.project(sf.score(l, 'magnitude'), '2:4'))
+        assert 0.05 < differs.float().mean() < 0.6  # the Hessian changes the ranking, not everything
+
+def test_straight_through_then_frozen():
+    l = layer()
+    l.mask.uniform_()
+    x = torch.randn(5, 64)
+    w = (l.weight * l.mask).detach().requires_grad_()
+    F.linear(x, w, l.bias).pow(2).sum().backward()
+    l(x).pow(2).sum().backward()
+    assert torch.allclose(l.weight.grad, w.grad)  # STE: dL/dW = dL/dW_eff, unmasked
+    opt = torch.optim.AdamW(l.parameters(), lr=0.1)
+    opt.step()  # Adam moments now nonzero everywhere
+    sf.update([l], 'magnitude', T=0.5, beta=0.0, lam=0.0, alpha=1.0)
+    sf.finalize([l], opt)
+    pruned = l.proj == 0
+    for _ in range(3):
+        opt.zero_grad()
+        l(x).pow(2).sum().backward()
+        assert (l.weight.grad[pruned] == 0).all()
+        opt.step()
+    zeros = l.weight[pruned]
+    assert (zeros == 0).all() and not torch.signbit(zeros).any()  # exact +0.0, never -0.0
+    assert (l.weight[~pruned] != 0).all() and pruned.float().mean() == 0.5
+
+def test_sparsegpt_beats_wanda_beats_magnitude():
+    torch.manual_seed(0)
+    C, D = 64, 32
+    X = torch.randn(2048, 16) @ torch.randn(16, C) + 0.1 * torch.randn(2048, C)  # correlated inputs
+    X *= torch.logspace(-1, 1, C)[torch.randperm(C)]  # features of different scale: magnitude alone is misled
+    W = torch.randn(D, C)
+    H = 2 * X.T @ X / len(X)
+    err = lambda Wp: ((X @ W.T - X @ Wp.T) ** 2).mean().item()
+    mag = err(W * sf.project(W.abs(), '2:4'))
+    wanda = err(W * sf.project(W.abs() * X.pow(2).mean(0).sqrt(), '2:4'))
+    Wsg, keep = sf.sparsegpt(W, H.clone(), 2, 4, blocksize=32)
+    assert (keep.view(-1, 4).sum(-1) == 2).all() and torch.equal(Wsg != 0, keep.bool())
+    sgpt = err(Wsg)
+    assert sgpt < 0.8 * wanda and wanda < 0.8 * mag, (sgpt, wanda, mag)
