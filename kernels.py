@@ -1,5 +1,4 @@
-"""
-Packed sparse Linear for inference: y = x @ W.T reading only the compressed weight W [D, C] (out, in).
+"""Packed sparse Linear for inference: y = x @ W.T reading only the compressed weight W [D, C] (out, in).
 
     model = kernels.pack_model(model, '2:4')  # or 'block16'; decoder Linears must already hold exact zeros
     kernels.backend = 'torch'                 # force the PyTorch twins, e.g. to check the kernels
@@ -8,7 +7,6 @@ Packed sparse Linear for inference: y = x @ W.T reading only the compressed weig
          (kept positions, i0 < i1), two groups a byte. fp16: 9/16 of the dense bytes.
 block16  tiles [D/16, K, 16, 16] + cols [D/16, K] int32: tiles[b, t] = W[16b:16b+16, 16*cols[b, t]:+16];
          K = most nonzero tiles in any 16-row band, the other bands are padded with zero tiles.
-On CPU the Triton kernels run only under TRITON_INTERPRET=1, set before import (fp16/fp32; bf16 is wrong there).
 """
 import os
 import torch
@@ -17,14 +15,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# 'auto': on CUDA Triton for decode, cuSPARSELt for 2:4 when M > 64 on sm80+ (compute-bound, sparse tensor
-# cores win, its batch padding stops mattering); Triton under TRITON_INTERPRET; else the torch twin.
+# 'auto': Triton on CUDA, but cuSPARSELt for 2:4 at M > 64 on sm80+ (compute-bound: sparse tensor cores win, its
+# padding stops mattering); CPU: Triton if TRITON_INTERPRET=1 at import (bf16 is wrong there), else the torch twin.
 backend = 'auto'  # 'auto' | 'triton' | 'torch' | 'cusparselt'
 INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
 
-# -----------------------------------------------------------------------------
-# formats
-
+# ----------------------------------------------------------------------------------------------------------- formats
 def _keep(nz, k):
     # [..., n] bool -> [..., k] indices to store: nonzeros first, then the lowest zero slots, ascending
     return (~nz).to(torch.uint8).argsort(dim=-1, stable=True)[..., :k].sort(-1).values
@@ -32,15 +28,13 @@ def _keep(nz, k):
 def pack24(w):
     D, C = w.shape
     g = w.reshape(D, C // 4, 4)
-    bad = int(((g != 0).sum(-1) > 2).sum())
-    if bad:
+    if bad := int(((g != 0).sum(-1) > 2).sum()):
         raise ValueError(f"weight [{D}, {C}] is not 2:4: {bad} of {D * C // 4} groups of 4 have more than 2 "
                          "nonzeros; harden the mask (exactly 2 per group) and zero the weight before packing")
     idx = _keep(g != 0, 2)                                        # [D, C/4, 2] positions in 0..3
-    vals = g.gather(-1, idx).reshape(D, C // 2)
     code = (idx[..., 0] | idx[..., 1] << 2).to(torch.uint8)       # [D, C/4]
     code = F.pad(code, (0, code.shape[1] % 2))                    # odd group count: pad to whole bytes
-    return vals, code[:, 0::2] | code[:, 1::2] << 4               # [D, ceil(C/8)]
+    return g.gather(-1, idx).reshape(D, C // 2), code[:, 0::2] | code[:, 1::2] << 4   # vals, meta
 
 def unpack24(vals, meta):
     D, C = vals.shape[0], vals.shape[1] * 2
@@ -64,21 +58,12 @@ def unpack_block16(tiles, cols, C):
     return t.transpose(1, 2).reshape(B * 16, C)
 
 # PyTorch twins: the spec each kernel must match
-
 def matmul24_ref(x, vals, meta, bias=None):
     return F.linear(x, unpack24(vals, meta), bias)
-
 def matmul_block16_ref(x, tiles, cols, bias=None):
     return F.linear(x, unpack_block16(tiles, cols, x.shape[-1]), bias)
 
-# -----------------------------------------------------------------------------
-# Triton kernels: one program computes y[BM rows, BN cols], fp32 accumulation
-
-@triton.jit
-def _group_col(i0, i1, v0, v1, p):
-    # column p of every group of 4; i0 != i1, so at most one term is nonzero and the sum is exact
-    return tl.where(i0 == p, v0, 0.) + tl.where(i1 == p, v1, 0.)
-
+# ---------------------------------------------------- Triton kernels: one program computes y[BM rows, BN cols] in fp32
 @triton.jit
 def _matmul24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, M, D, C, CM, HAS_BIAS: tl.constexpr,
                      PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -90,12 +75,11 @@ def _matmul24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, M, D, C, CM, HAS_BIAS: t
         x = tl.load(x_ptr + rm[:, None] * C + rk, mask=(rm[:, None] < M) & (rk < C), other=0.)
         v = tl.load(v_ptr + rn[:, None] * (C // 2) + rv, mask=(rn[:, None] < D) & (rv < C // 2), other=0.)
         m = tl.load(m_ptr + rn[:, None] * CM + rc, mask=(rn[:, None] < D) & (rc < CM), other=0)
-        code = tl.interleave(m & 15, m >> 4)                      # [BN, BK/4] one code per group
-        i0, i1 = code & 3, code >> 2
+        code = tl.interleave(m & 15, m >> 4)[:, :, None]          # [BN, BK/4, 1] one code per group
         v0, v1 = tl.split(tl.reshape(v, (BN, BK // 4, 2)))        # [BN, BK/4] each
-        w = tl.interleave(tl.interleave(_group_col(i0, i1, v0, v1, 0), _group_col(i0, i1, v0, v1, 2)),
-                          tl.interleave(_group_col(i0, i1, v0, v1, 1), _group_col(i0, i1, v0, v1, 3)))
-        acc += tl.dot(x, tl.trans(w), input_precision=PREC)      # w: [BN, BK] dense tile
+        p = tl.arange(0, 4)                                       # slot in the group; i0 != i1, so the sum is exact
+        w = tl.where((code & 3) == p, v0[:, :, None], 0.) + tl.where((code >> 2) == p, v1[:, :, None], 0.)
+        acc += tl.dot(x, tl.trans(tl.reshape(w, (BN, BK))), input_precision=PREC)   # w: dense [BN, BK] tile
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < D, other=0.).to(tl.float32)
     tl.store(y_ptr + rm[:, None] * D + rn, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn < D))
@@ -104,8 +88,7 @@ def _matmul24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, M, D, C, CM, HAS_BIAS: t
 def _block16_kernel(x_ptr, t_ptr, c_ptr, b_ptr, y_ptr, M, D, C, K, HAS_BIAS: tl.constexpr,
                     PREC: tl.constexpr, BM: tl.constexpr, TK: tl.constexpr):
     # one program: BM rows of x times one 16-row band, walking its K kept tiles TK at a time
-    band = tl.program_id(1)
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rm, band = tl.program_id(0) * BM + tl.arange(0, BM), tl.program_id(1)
     rn, rj = tl.arange(0, 16), tl.arange(0, TK * 16)              # rj: column within TK tiles side by side
     acc = tl.zeros((BM, 16), tl.float32)
     for k0 in range(0, K, TK):
@@ -119,44 +102,34 @@ def _block16_kernel(x_ptr, t_ptr, c_ptr, b_ptr, y_ptr, M, D, C, K, HAS_BIAS: tl.
         acc += tl.load(b_ptr + rn).to(tl.float32)
     tl.store(y_ptr + rm[:, None] * D + rn, acc.to(y_ptr.dtype.element_ty), mask=rm[:, None] < M)
 
-# Wrappers flatten x to [M, C]. Decode (M <= 16) is memory-bound: thin programs (D/16 of them, enough to fill
-# the SMs), long K steps (BM = 16 is tl.dot's minimum). Block sizes are a first guess, not tuned on a GPU yet. fp32 runs as exact fp32 ('ieee'), not tf32; the flag is a no-op for 16-bit.
+# x [..., C] -> y [..., D]. Decode (M <= 16) is memory-bound: thin programs (D/16 of them, to fill the SMs), long K
+# steps (BM = 16 is tl.dot's minimum); block sizes are an untuned guess. fp32 is exact ('ieee'), not tf32.
+def _launch(kernel, x, w, idx, bias, D, n, *blocks):
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    M, C = x2.shape
+    y = torch.empty(M, D, dtype=x.dtype, device=x.device)
+    kernel[(triton.cdiv(M, blocks[0]), n)](x2, w, idx, x2 if bias is None else bias, y, M, D, C, idx.shape[1],
+                                           bias is not None, 'ieee' if x.dtype == torch.float32 else 'tf32', *blocks)
+    return y.reshape(*x.shape[:-1], D)
 
 def matmul24(x, vals, meta, bias=None):
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    (M, C), D = x2.shape, vals.shape[0]
-    y = torch.empty(M, D, dtype=x.dtype, device=x.device)
-    BM, BN, BK = (16, 16, 256) if M <= 16 else (64, 64, 64)
-    _matmul24_kernel[(triton.cdiv(M, BM), triton.cdiv(D, BN))](
-        x2, vals, meta, x2 if bias is None else bias, y, M, D, C, meta.shape[1], bias is not None,
-        'ieee' if x.dtype == torch.float32 else 'tf32', BM, BN, BK)
-    return y.reshape(*x.shape[:-1], D)
+    BM, BN, BK = (16, 16, 256) if x.numel() <= 16 * x.shape[-1] else (64, 64, 64)
+    return _launch(_matmul24_kernel, x, vals, meta, bias, len(vals), triton.cdiv(len(vals), BN), BM, BN, BK)
 
 def matmul_block16(x, tiles, cols, bias=None):
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    (M, C), D = x2.shape, cols.shape[0] * 16
-    y = torch.empty(M, D, dtype=x.dtype, device=x.device)
-    BM, TK = (16, 8) if M <= 16 else (64, 4)
-    _block16_kernel[(triton.cdiv(M, BM), cols.shape[0])](
-        x2, tiles, cols, x2 if bias is None else bias, y, M, D, C, cols.shape[1], bias is not None,
-        'ieee' if x.dtype == torch.float32 else 'tf32', BM, TK)
-    return y.reshape(*x.shape[:-1], D)
+    BM, TK = (16, 8) if x.numel() <= 16 * x.shape[-1] else (64, 4)
+    return _launch(_block16_kernel, x, tiles, cols, bias, 16 * len(cols), len(cols), BM, TK)
 
-# -----------------------------------------------------------------------------
-# module swap
-
+# ------------------------------------------------------------------------------------------------------- module swap
 FORMATS = {'2:4': (pack24, matmul24, matmul24_ref), 'block16': (pack_block16, matmul_block16, matmul_block16_ref)}
 
 class PackedLinear(nn.Module):
-    """Drop-in for an nn.Linear whose weight already holds exact zeros in `pattern`; stores only the packed
-    weight: vals/meta are (vals, meta) for 2:4 and (tiles, cols) for block16."""
-
+    """Drop-in nn.Linear storing only the packed weight: vals, meta = (vals, meta) 2:4 or (tiles, cols) block16."""
     def __init__(self, linear, pattern):
         super().__init__()
         self.pattern, self.in_features, self.out_features = pattern, linear.in_features, linear.out_features
-        vals, meta = FORMATS[pattern][0](linear.weight.detach())
-        self.register_buffer('vals', vals)
-        self.register_buffer('meta', meta)
+        for name, t in zip(('vals', 'meta'), FORMATS[pattern][0](linear.weight.detach())):
+            self.register_buffer(name, t)
         self.register_buffer('bias', None if linear.bias is None else linear.bias.detach().clone())
         self._sparse = None  # cuSPARSELt copy of the weight, built on the first large-M call (not saved)
 
@@ -171,11 +144,7 @@ class PackedLinear(nn.Module):
             if self._sparse is None:
                 self._sparse = torch.sparse.to_sparse_semi_structured(unpack24(self.vals, self.meta))
             return F.linear(x.reshape(-1, self.in_features), self._sparse, self.bias).reshape(*x.shape[:-1], -1)
-        fn = FORMATS[self.pattern][{'triton': 1, 'torch': 2}[path]]
-        return fn(x, self.vals, self.meta, self.bias)
-
-    def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern}"
+        return FORMATS[self.pattern][{'triton': 1, 'torch': 2}[path]](x, self.vals, self.meta, self.bias)
 
 def pack_model(model, pattern):
     # swap every nn.Linear inside the decoder blocks; embeddings and lm_head stay dense

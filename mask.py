@@ -8,7 +8,6 @@ SparseForge's soft mask (paper sections 4.2-4.3, ../shared/SPEC.md sections 2-9)
 Patterns: 'N:M' (groups of M along the input dim), 'block16' (16x16 tiles, half kept in every 16-row band),
 'unstructured' (50% per layer). All mask state is fp32 registered buffers.
 """
-import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -42,8 +41,8 @@ def project(t, pattern):
     return ungroup(topn(*groups(t, pattern))[0], t.shape, pattern)
 
 class SparseLinear(nn.Module):
-    """y = x (W * m_eff)^T + b (+ SLoRB). Straight-through: the gradient w.r.t. W is the unmasked one
-    (pruned weights can grow back) until finalize() sets ste = 0, after which it is masked."""
+    """y = x (W * m_eff)^T + b (+ SLoRB). Straight-through: the gradient w.r.t. W is the unmasked one, so
+    pruned weights can grow back (after finalize(), train.py masks it)."""
     def __init__(self, linear, pattern, slorb_k=0, track_x=False):
         super().__init__()
         D, C = linear.weight.shape
@@ -54,7 +53,6 @@ class SparseLinear(nn.Module):
         self.register_buffer('hess', torch.zeros(D, C, **f32))  # EMA of the Hutchinson estimate of diag(H)
         self.register_buffer('x_sq', torch.zeros(C, **f32))  # EMA of x_j^2 (wanda score)
         self.register_buffer('x', torch.ones((), **f32))  # quench mix: m_eff = x m + (1 - x) Proj(m)
-        self.register_buffer('ste', torch.ones((), **f32))  # 1: straight-through gradient, 0: masked
         # SLoRB: y += (x summed over groups of k inputs) B^T, a dense rank-C/k bypass; B = 0 keeps student == teacher
         self.slorb = nn.Parameter(torch.zeros(D, C // slorb_k, **f32)) if slorb_k else None
 
@@ -63,8 +61,7 @@ class SparseLinear(nn.Module):
             with torch.no_grad():
                 self.x_sq.lerp_(x.detach().float().pow(2).flatten(0, -2).mean(0), 0.02)
         m = (self.x * self.mask + (1 - self.x) * self.proj).to(self.weight.dtype)
-        r = self.weight * (1 - m)  # value W * m; gradient m + ste * (1 - m)
-        w = self.weight * m + self.ste * (r - r.detach())
+        w = self.weight - (self.weight * (1 - m)).detach()  # value W * m, gradient w.r.t. W the identity
         y = F.linear(x, w, self.bias)
         if self.slorb is not None:
             y = y + x.unflatten(-1, (self.slorb.size(1), -1)).sum(-1) @ self.slorb.t().to(x.dtype)
@@ -73,18 +70,15 @@ class SparseLinear(nn.Module):
 def sparsify(model, pattern, slorb_k=0, track_x=False):
     """Swap every nn.Linear inside the decoder blocks for a SparseLinear; returns the list of them."""
     layers = []
-    for bi, block in enumerate(model.transformer.h):
-        for name, mod in list(block.named_modules()):
-            for cname, child in list(mod.named_children()):
-                if isinstance(child, nn.Linear):
-                    D, C = child.weight.shape
-                    full = f'transformer.h.{bi}.{name}.{cname}'
-                    n_m = (16, 16) if pattern == 'block16' else (1, int(pattern.split(':')[1])) if ':' in pattern else (1, 1)
-                    if D % n_m[0] or C % n_m[1] or (slorb_k and C % slorb_k):
-                        raise ValueError(f'{full}: weight {D}x{C} does not fit pattern {pattern}'
-                                         f'{f" / SLoRB k={slorb_k}" if slorb_k else ""}; pick another pattern')
-                    layers.append(SparseLinear(child, pattern, slorb_k, track_x))
-                    setattr(mod, cname, layers[-1])
+    for name, mod in list(model.transformer.h.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, nn.Linear):
+                (D, C), m = child.weight.shape, 16 if pattern == 'block16' else int(pattern.split(':')[-1]) if ':' in pattern else 1
+                if C % m or (pattern == 'block16' and D % 16) or (slorb_k and C % slorb_k):
+                    raise ValueError(f'transformer.h.{name}.{cname}: weight {D}x{C} does not fit pattern {pattern}'
+                                     f'{f" with SLoRB k={slorb_k}" if slorb_k else ""}; pick another pattern')
+                layers.append(SparseLinear(child, pattern, slorb_k, track_x))
+                setattr(mod, cname, layers[-1])
     return layers
 
 # -----------------------------------------------------------------------------
@@ -118,7 +112,7 @@ def score(l, kind):
 @torch.no_grad()
 def update(layers, kind, T, beta, lam, alpha=0.1):
     """One soft-mask step for every layer (Algorithm 1, lines 8-12); returns statistics for the log."""
-    stats = dict(mid=0.0, dist=0.0, flips=0.0, hdiff=0.0)
+    stats = dict(mid=0.0, dist=0.0, flips=0.0) | (dict(hdiff=0.0, hsnr=0.0) if kind == 'hessian' else {})
     n = sum(l.mask.numel() for l in layers)
     for l in layers:
         if kind == 'wanda' and dist.is_initialized():  # same statistics, same mask, on every rank
@@ -136,7 +130,9 @@ def update(layers, kind, T, beta, lam, alpha=0.1):
         stats['flips'] += (proj != l.proj).sum().item() / n
         stats['mid'] += ((l.mask > 0.05) & (l.mask < 0.95)).sum().item() / n
         stats['dist'] += (l.mask - proj).abs().sum().item() / n
-        stats['hdiff'] += (project(score(l, 'magnitude'), l.pattern) != hard).sum().item() / n
+        if kind == 'hessian':  # H is alive: its pattern departs from magnitude's; hsnr: mean(H) / std(H)
+            stats['hdiff'] += (project(score(l, 'magnitude'), l.pattern) != hard).sum().item() / n
+            stats['hsnr'] += (l.hess.mean() / l.hess.std()).item() / len(layers)
         l.proj.copy_(proj)
     return stats
 
@@ -149,17 +145,20 @@ def set_mask(layers, masks):
 
 @torch.no_grad()
 def finalize(layers, optimizer=None):
-    """m <- Proj(m), frozen; W <- W * m with exact +0.0; pruned weights get no gradient and no Adam
-    momentum from here on, so they stay +0.0 (SPEC section 6)."""
+    """m <- Proj(m), frozen; W <- W * m with exact +0.0; their Adam moments are cleared, and with the
+    gradient masked from here on (mask_grads) pruned weights stay +0.0 (SPEC section 6)."""
     for l in layers:
         l.mask.copy_(l.proj)
         l.x.zero_()
-        l.ste.zero_()
         pruned = l.proj == 0
         l.weight.masked_fill_(pruned, 0.0)
         for buf in (optimizer.state.get(l.weight, {}) if optimizer else {}).values():
             if buf.shape == l.weight.shape:
                 buf.masked_fill_(pruned, 0.0)
+
+def mask_grads(layers):
+    for l in layers:  # after finalize: the true gradient of W * m, zero on pruned weights
+        l.weight.grad.mul_(l.mask)
 
 # -----------------------------------------------------------------------------
 # One-shot baselines (SPEC section 9): blocks pruned in order, each calibrated on the outputs of the
@@ -232,8 +231,7 @@ def merge(model):
                 if l.slorb is not None:
                     print(f'{name}: SLoRB folded into the weight: 2:4 plus a dense rank-{l.slorb.size(1)} branch, not 2:4')
                     w = w + l.slorb.repeat_interleave(l.weight.size(1) // l.slorb.size(1), dim=1)
-                lin = nn.Linear(w.size(1), w.size(0), bias=l.bias is not None, device=w.device, dtype=l.weight.dtype)
+                lin = nn.Linear(w.size(1), w.size(0), bias=False, device=w.device, dtype=l.weight.dtype)
                 lin.weight.copy_(w)
-                if l.bias is not None:
-                    lin.bias.copy_(l.bias)
+                lin.bias = l.bias
                 setattr(mod, name, lin)

@@ -6,9 +6,9 @@ Sparsity is not in here: mask.py swaps the decoder's nn.Linear layers for Sparse
     model = GPT.from_pretrained(dir, gguf_file='x.gguf')         # a GGUF file (dequantised to fp32)
     model.export('out/hf')                                       # back to a standard HF checkpoint dir
 """
-import math
 import os
-from dataclasses import dataclass, field, asdict
+import re
+from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,16 +33,14 @@ class GPTConfig:
     norm_eps: float = 1e-5
     hf: dict = field(default_factory=dict)  # the HF config, kept for export
 
-class RMSNorm(nn.Module):
-    def __init__(self, n, eps):
-        super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(n)), eps
-
-    def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+# our module -> the HF LLaMA/Qwen modules fused into it (q, k, v stacked in c_attn; gate, up in c_fc)
+LLAMA_NAMES = {'transformer.wte': ['model.embed_tokens'], 'transformer.ln_f': ['model.norm'], 'lm_head': ['lm_head'],
+               'ln_1': ['input_layernorm'], 'ln_2': ['post_attention_layernorm'], 'attn.c_proj': ['self_attn.o_proj'],
+               'attn.c_attn': ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'], 'attn.q_norm': ['self_attn.q_norm'],
+               'attn.k_norm': ['self_attn.k_norm'], 'mlp.c_fc': ['mlp.gate_proj', 'mlp.up_proj'], 'mlp.c_proj': ['mlp.down_proj']}
 
 def norm(cfg, n):
-    return nn.LayerNorm(n, eps=cfg.norm_eps) if cfg.arch == 'gpt2' else RMSNorm(n, cfg.norm_eps)
+    return nn.LayerNorm(n, eps=cfg.norm_eps) if cfg.arch == 'gpt2' else nn.RMSNorm(n, eps=cfg.norm_eps)
 
 def rotate(x, cos, sin):
     # HF's rotate_half convention: the head dim is two halves, (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
@@ -56,7 +54,7 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)  # q, k, v fused
         self.c_proj = nn.Linear(self.nh * self.hd, cfg.n_embd, bias=cfg.o_bias)
         if cfg.qk_norm:
-            self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.norm_eps), RMSNorm(self.hd, cfg.norm_eps)
+            self.q_norm, self.k_norm = nn.RMSNorm(self.hd, eps=cfg.norm_eps), nn.RMSNorm(self.hd, eps=cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
 
     def forward(self, x, rope, cache, pos):
@@ -136,9 +134,8 @@ class GPT(nn.Module):
         return x, (freqs.cos().to(x.dtype), freqs.sin().to(x.dtype))
 
     def new_cache(self, B, T, dtype, device):
-        c = self.config
-        return [(torch.zeros(B, c.n_kv_head, T, c.head_dim, dtype=dtype, device=device),
-                 torch.zeros(B, c.n_kv_head, T, c.head_dim, dtype=dtype, device=device)) for _ in range(c.n_layer)]
+        zeros = lambda: torch.zeros(B, self.config.n_kv_head, T, self.config.head_dim, dtype=dtype, device=device)
+        return [(zeros(), zeros()) for _ in range(self.config.n_layer)]  # per layer (k, v), (B, nkv, T, hd)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens):
@@ -152,12 +149,6 @@ class GPT(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
-
-    def estimate_mfu(self, tokens_per_s, peak_flops):
-        # 6N + 12 L H Q T flops per token (PaLM, arXiv 2204.02311, appendix B); 2:4 layers counted as dense
-        c = self.config
-        flops = 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
-        return flops * tokens_per_s / peak_flops
 
     # -----------------------------------------------------------------------------
     # Hugging Face weights, in and out
@@ -181,38 +172,28 @@ class GPT(nn.Module):
                          rope_theta=rope.get('rope_theta', d.get('rope_theta', 10000.0)), norm_eps=d['rms_norm_eps'], hf=d)
 
     def hf_names(self):
-        """[(our key, [HF keys fused into it in order], transposed)] for every tensor of the model."""
-        c = self.config
-        if c.arch == 'gpt2':  # the same names as HF's GPT-2; its Conv1D stores weights as (in, out)
-            return [(k, [k], k.endswith('.weight') and k.split('.')[-2] in ('c_attn', 'c_proj', 'c_fc'))
-                    for k in self.state_dict() if not (c.tie and k == 'lm_head.weight')]
-        names = [('transformer.wte.weight', ['model.embed_tokens.weight'], False),
-                 ('transformer.ln_f.weight', ['model.norm.weight'], False)]
-        if not c.tie:
-            names.append(('lm_head.weight', ['lm_head.weight'], False))
-        for i in range(c.n_layer):
-            ours, hf = f'transformer.h.{i}.', f'model.layers.{i}.'
-            pairs = [('ln_1.weight', ['input_layernorm.weight']), ('ln_2.weight', ['post_attention_layernorm.weight']),
-                     ('attn.c_proj.weight', ['self_attn.o_proj.weight']), ('mlp.c_proj.weight', ['mlp.down_proj.weight']),
-                     ('mlp.c_fc.weight', ['mlp.gate_proj.weight', 'mlp.up_proj.weight']),
-                     ('attn.c_attn.weight', [f'self_attn.{p}_proj.weight' for p in 'qkv'])]
-            pairs += [('attn.c_attn.bias', [f'self_attn.{p}_proj.bias' for p in 'qkv'])] * c.qkv_bias
-            pairs += [('attn.c_proj.bias', ['self_attn.o_proj.bias'])] * c.o_bias
-            pairs += [('mlp.c_fc.bias', ['mlp.gate_proj.bias', 'mlp.up_proj.bias']),
-                      ('mlp.c_proj.bias', ['mlp.down_proj.bias'])] * c.mlp_bias
-            pairs += [('attn.q_norm.weight', ['self_attn.q_norm.weight']),
-                      ('attn.k_norm.weight', ['self_attn.k_norm.weight'])] * c.qk_norm
-            names += [(ours + a, [hf + x for x in b], False) for a, b in pairs]
-        return names
+        """[(our key, [HF keys fused into it, in order], transposed)] for every tensor of the model."""
+        out = []
+        for k in self.state_dict():
+            mod, p = k.rsplit('.', 1)
+            if self.config.tie and k == 'lm_head.weight':
+                continue
+            if self.config.arch == 'gpt2':  # HF's GPT-2 names; its Conv1D stores weights as (in, out)
+                out.append((k, [k], p == 'weight' and mod.split('.')[-1] in ('c_attn', 'c_proj', 'c_fc')))
+                continue
+            block = re.match(r'transformer\.h\.(\d+)\.(.*)', mod)
+            hf = [f'model.layers.{block[1]}.{m}' for m in LLAMA_NAMES[block[2]]] if block else LLAMA_NAMES[mod]
+            out.append((k, [f'{m}.{p}' for m in hf], False))
+        return out
 
     @classmethod
     def from_pretrained(cls, name, gguf_file=None):
         from transformers import AutoModelForCausalLM  # lazy: only loading and export need it
         try:
             hf = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, dtype=torch.float32)
-        except OSError as e:  # transformers' own message is a page long and never names the model
+        except OSError:  # transformers' own message is a page long and never names the model
             raise OSError(f'cannot load model {name!r}: not a local HF directory or GGUF, and not on the hub '
-                          f'(offline?); pass a local path, or gguf_file=') from e
+                          f'(offline?); pass a local path, or gguf_file=') from None
         model = cls(cls.config_from_hf(hf.config))
         sd, hf_sd = model.state_dict(), hf.state_dict()
         names = model.hf_names()
@@ -232,8 +213,7 @@ class GPT(nn.Module):
         transformers.AutoModelForCausalLM.from_pretrained loads with the same logits."""
         from transformers import AutoConfig
         from safetensors.torch import save_file
-        sd = self.state_dict()
-        out = {}
+        sd, out = self.state_dict(), {}
         for ours, keys, transposed in self.hf_names():
             w = sd[ours].detach().float()
             sizes = [self.config.n_head * self.config.head_dim] + [self.config.n_kv_head * self.config.head_dim] * 2 \
@@ -242,7 +222,6 @@ class GPT(nn.Module):
                 out[k] = (part.t() if transposed else part).contiguous()
         os.makedirs(out_dir, exist_ok=True)
         save_file(out, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
-        hf = dict(self.config.hf)
-        AutoConfig.for_model(**hf).save_pretrained(out_dir)
+        AutoConfig.for_model(**self.config.hf).save_pretrained(out_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)

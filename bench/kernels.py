@@ -7,6 +7,7 @@ launch overhead) over enough weight copies that nothing is served from L2 (as in
 """
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -108,11 +109,42 @@ def bench_matmuls():
                       f"{pct(b24, t_24):4.0f} | {cs} | {t_16:8.1f} {t_d / t_16:5.2f} {pct(b16, t_16):4.0f}")
             del dense, p24, p16
 
+def bench_decode(n_layer=32, new_tokens=128, dtype=torch.float16):
+    """End-to-end greedy decode at batch 1 with a KV cache: LLaMA-7B-shaped model with random weights,
+    dense vs every decoder Linear packed 2:4 (magnitude pattern). Prints tokens/s and decoder weight memory."""
+    from model import GPT, GPTConfig
+    import mask
+    cfg = GPTConfig('llama', block_size=1024, vocab_size=32000, n_layer=n_layer, n_head=32, n_kv_head=32, n_embd=4096,
+                    head_dim=128, n_inner=11008, qkv_bias=False, o_bias=False, mlp_bias=False, tie=False)
+    with torch.device('cuda'):
+        model = GPT(cfg).to(dtype).eval()
+    for mod in model.transformer.h.modules():  # a finalised 2:4 model: exact zeros in every decoder Linear
+        if isinstance(mod, torch.nn.Linear):
+            mod.weight.data.masked_fill_(mask.project(mod.weight.detach().float().abs(), '2:4') == 0, 0.0)
+    idx = torch.randint(0, 32000, (1, 16), device='cuda')
+    print(f"\nend-to-end decode, batch 1, {n_layer} LLaMA-7B layers, {new_tokens} new tokens, {dtype}")
+    for name in ('dense', '2:4'):
+        if name == '2:4':
+            kernels.pack_model(model, '2:4')
+        nbytes = sum(t.numel() * t.element_size() for t in list(model.transformer.h.parameters())
+                     + list(model.transformer.h.buffers()))
+        model.generate(idx, 8)  # warmup: Triton compiles
+        torch.cuda.synchronize()
+        t0 = time.time()
+        out = model.generate(idx, new_tokens)
+        torch.cuda.synchronize()
+        dt = time.time() - t0
+        print(f"{name:6s} {new_tokens / dt:8.1f} tokens/s   decoder weights {nbytes / 2**30:6.2f} GiB")
+        if name == 'dense':
+            ref = out
+    print(f"greedy tokens equal to dense: {(out == ref).float().mean().item():.2%}")
+
 def main():
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py times CUDA kernels and needs a CUDA GPU; on CPU run: python -m pytest tests/test_kernels.py")
     torch.manual_seed(0)
     bench_matmuls()
+    bench_decode()
 
 if __name__ == '__main__':
     main()

