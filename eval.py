@@ -2,7 +2,7 @@
     python eval.py smollm2 --data=data/pydoc_smollm2/val.bin         # perplexity of an HF name/dir/.gguf
     python eval.py out/ckpt.pt --data=... --pattern=2:4              # a train.py checkpoint, pattern checked
     python eval.py out/ckpt.pt --export=out/hf --tasks=boolq,rte     # export to an HF dir, lm-eval zero-shot
-    python eval.py gpt2 --dataset=wikitext2                          # the published protocol on WikiText-2 test
+    python eval.py gpt2 --data=data/wikitext2_gpt2/test.bin          # the published protocol (prepare.py wikitext2)
 Perplexity as in Wanda/SparseGPT/AST (SPEC section 10): tokens without BOS in non-overlapping windows of the context
 length, the remainder dropped, exp of the mean NLL of every predicted token. Never select checkpoints on test."""
 import argparse, json, math, os
@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import mask as sf
 from model import GPT, GPTConfig
-from prepare import load_tokenizer, locate, sources
+from prepare import locate
 
 @torch.no_grad()
 def perplexity(model, tokens, block_size, batch_size=8, device='cpu'):
@@ -61,7 +61,6 @@ if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('model', help="HF hub name, local HF dir, .gguf, 'smollm2', or a train.py checkpoint .pt")
     p.add_argument('--data', help='a token .bin from prepare.py (its meta.json gives the dtype)')
-    p.add_argument('--dataset', choices=['wikitext2'], help='its test split, via datasets (needs the hub or its cache)')
     p.add_argument('--block_size', type=int, default=0, help="window length; 0: the model's context")
     p.add_argument('--pattern', help="check the pattern ('2:4', 'block16', ...); a checkpoint's own by default")
     p.add_argument('--export', help='write a standard HF checkpoint dir here (masks folded into the weights)')
@@ -78,9 +77,6 @@ if __name__ == '__main__':
     if a.data:
         dtype = json.load(open(os.path.join(os.path.dirname(a.data), 'meta.json')))['dtype']
         print(f'{a.model}: {a.data} ppl {perplexity(model, np.memmap(a.data, dtype=dtype, mode="r"), T):.3f}')
-    if a.dataset:
-        ids = load_tokenizer(src).encode(sources(a.dataset)['test'][0])  # the split joined with "\n\n", no BOS
-        print(f'{a.model}: {a.dataset} test ppl {perplexity(model, np.array(ids), T):.3f}')
     if a.export or a.tasks:
         out = a.export or 'out/hf_export'
         sf.merge(model)

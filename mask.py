@@ -1,10 +1,7 @@
 """
-SparseForge's soft mask (paper sections 4.2-4.3, ../shared/SPEC.md sections 2-9), as a module swap:
-    layers = mask.sparsify(model, '2:4')      # every nn.Linear in the decoder blocks -> SparseLinear
-    mask.hutchinson(layers, loss_fn)          # every hess_interval steps: EMA of diag(H) (Hutchinson)
-    stats = mask.update(layers, ...)          # every mask_interval steps: Eq. 3-5, soft gate -> EMA mask
-    mask.finalize(layers, optimizer)          # at hard_end: binary mask, W <- W * m, frozen
-    mask.one_shot(model, '2:4', 'sparsegpt', calib)   # baselines: magnitude / wanda / sparsegpt
+SparseForge's soft mask (paper sections 4.2-4.3, SPEC sections 2-9) as a module swap: sparsify() puts a SparseLinear
+in place of every decoder nn.Linear; train.py calls hutchinson() every hess_interval steps, update() (Eq. 3-5) every
+mask_interval steps and finalize() at hard_end. one_shot() runs the magnitude / Wanda / SparseGPT baselines.
 Patterns: 'N:M' (groups of M along the input dim), 'block16' (16x16 tiles, half kept in every 16-row band),
 'unstructured' (50% per layer). All mask state is fp32 registered buffers.
 """
@@ -42,7 +39,7 @@ def project(t, pattern):
 
 class SparseLinear(nn.Module):
     """y = x (W * m_eff)^T + b (+ SLoRB). Straight-through: the gradient w.r.t. W is the unmasked one, so
-    pruned weights can grow back (after finalize(), train.py masks it)."""
+    pruned weights can grow back, until finalize() freezes the mask and the gradient is masked too."""
     def __init__(self, linear, pattern, slorb_k=0, track_x=False):
         super().__init__()
         D, C = linear.weight.shape
@@ -53,13 +50,14 @@ class SparseLinear(nn.Module):
         self.register_buffer('hess', torch.zeros(D, C, **f32))  # EMA of the Hutchinson estimate of diag(H)
         self.register_buffer('x_sq', torch.zeros(C, **f32))  # EMA of x_j^2 (wanda score)
         self.register_buffer('x', torch.ones((), **f32))  # quench mix: m_eff = x m + (1 - x) Proj(m)
+        self.register_buffer('frozen', torch.zeros((), dtype=torch.bool, device=linear.weight.device))
+        self.weight.register_hook(lambda g: g * torch.where(self.frozen, self.mask, 1.0).to(g.dtype))
         # SLoRB: y += (x summed over groups of k inputs) B^T, a dense rank-C/k bypass; B = 0 keeps student == teacher
         self.slorb = nn.Parameter(torch.zeros(D, C // slorb_k, **f32)) if slorb_k else None
 
     def forward(self, x):
-        if self.track_x and self.training:
-            with torch.no_grad():
-                self.x_sq.lerp_(x.detach().float().pow(2).flatten(0, -2).mean(0), 0.02)
+        if self.track_x and self.training:  # running mean of x_j^2 for the wanda score
+            self.x_sq.lerp_(x.detach().float().pow(2).flatten(0, -2).mean(0), 0.02)
         m = (self.x * self.mask + (1 - self.x) * self.proj).to(self.weight.dtype)
         w = self.weight - (self.weight * (1 - m)).detach()  # value W * m, gradient w.r.t. W the identity
         y = F.linear(x, w, self.bias)
@@ -85,9 +83,8 @@ def sparsify(model, pattern, slorb_k=0, track_x=False):
 # Hessian diagonal and the soft-mask update
 
 def hutchinson(layers, loss_fn, beta=0.98):
-    """H <- beta H + (1 - beta) (Hv) * v with v Rademacher: E[(Hv) v] = diag(H) (paper section 4.2).
-    Hv is an exact Hessian-vector product (double backward); fused SDPA kernels have none, so the forward
-    runs on SDPA's math backend. The EMA is unbiased (no clamp); scoring clamps at 0."""
+    """H <- beta H + (1 - beta) (Hv) v, v Rademacher: E[(Hv) v] = diag(H) (section 4.2), unbiased (score() clamps).
+    Hv by double backward; fused SDPA kernels have none, so the forward runs on SDPA's math backend."""
     ws = [l.weight for l in layers]
     with sdpa_kernel(SDPBackend.MATH):
         loss = loss_fn()
@@ -105,9 +102,7 @@ def score(l, kind):
     if kind == 'hessian':  # OBD: loss increase of removing w is about H w^2 / 2
         h = l.hess.clamp(min=0)
         return (h + 1e-3 * h.mean() + 1e-30) * W ** 2  # eps: weights with no curvature still rank by size
-    if kind == 'wanda':
-        return W.abs() * l.x_sq.sqrt()
-    return W.abs()
+    return W.abs() * (l.x_sq.sqrt() if kind == 'wanda' else 1)  # wanda: |W_ij| ||x_j||
 
 @torch.no_grad()
 def update(layers, kind, T, beta, lam, alpha=0.1):
@@ -137,8 +132,7 @@ def update(layers, kind, T, beta, lam, alpha=0.1):
     return stats
 
 @torch.no_grad()
-def set_mask(layers, masks):
-    """Make each layer's mask the given binary one (one-shot baselines, AST)."""
+def set_mask(layers, masks):  # binary masks: one-shot baselines
     for l, m in zip(layers, masks):
         l.mask.copy_(m)
         l.proj.copy_(m)
@@ -146,19 +140,16 @@ def set_mask(layers, masks):
 @torch.no_grad()
 def finalize(layers, optimizer=None):
     """m <- Proj(m), frozen; W <- W * m with exact +0.0; their Adam moments are cleared, and with the
-    gradient masked from here on (mask_grads) pruned weights stay +0.0 (SPEC section 6)."""
+    gradient masked from here on pruned weights stay +0.0 (SPEC section 6)."""
     for l in layers:
         l.mask.copy_(l.proj)
         l.x.zero_()
+        l.frozen.fill_(True)
         pruned = l.proj == 0
         l.weight.masked_fill_(pruned, 0.0)
         for buf in (optimizer.state.get(l.weight, {}) if optimizer else {}).values():
             if buf.shape == l.weight.shape:
                 buf.masked_fill_(pruned, 0.0)
-
-def mask_grads(layers):
-    for l in layers:  # after finalize: the true gradient of W * m, zero on pruned weights
-        l.weight.grad.mul_(l.mask)
 
 # -----------------------------------------------------------------------------
 # One-shot baselines (SPEC section 9): blocks pruned in order, each calibrated on the outputs of the
@@ -191,9 +182,8 @@ def sparsegpt(W, H, n, m, blocksize=128):
 @torch.no_grad()
 def one_shot(model, layers, method, calib):
     """Prune every SparseLinear once: 'magnitude' (|W|), 'wanda' (|W| ||x_j||) or 'sparsegpt'; calib (B, T)."""
-    if method == 'magnitude':
-        set_mask(layers, [project(score(l, 'magnitude'), l.pattern) for l in layers])
-        return
+    if method == 'magnitude':  # no calibration
+        return set_mask(layers, [project(score(l, 'magnitude'), l.pattern) for l in layers])
     x, rope = model.embed(calib)
     for block in model.transformer.h:
         xtx = {l: 0 for l in block.modules() if isinstance(l, SparseLinear)}  # running X^T X of each input
@@ -210,12 +200,10 @@ def one_shot(model, layers, method, calib):
             if method == 'wanda':
                 l.x_sq.copy_(H.diagonal() / 2)
                 set_mask([l], [project(score(l, 'wanda'), l.pattern)])
-            elif ':' in l.pattern:
+            else:  # sparsegpt, N:M patterns only (train.py checks)
                 w, keep = sparsegpt(l.weight, H, *map(int, l.pattern.split(':')))
                 l.weight.copy_(w)
                 set_mask([l], [keep])
-            else:
-                raise ValueError(f'sparsegpt is implemented for N:M patterns, not {l.pattern}')
         x = block(x, rope, None, 0)  # the next block sees this block's pruned output
 
 @torch.no_grad()

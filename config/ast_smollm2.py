@@ -1,6 +1,6 @@
 # AST-style retraining (the paper's main baseline) through the same loop: a hard magnitude 2:4 mask from the
 # first step, re-selected every 10 steps, KD on, SR-STE decay; same model, data and budget as smollm2_24.py.
-# Hardware: CPU, about 15 minutes on 2 cores.
+# Hardware: CPU, about 12 minutes on 2 cores.
 #   python train.py config/ast_smollm2.py
 method = 'ast'
 score = 'magnitude'
@@ -10,4 +10,4 @@ mask_interval = 10
 mask_start = 0.0
 hard_start, hard_end = 0.0, 1.0  # the mask is binary throughout; frozen at the end
 srste_decay = 1e-4
-max_iters = 240
+max_iters = 64

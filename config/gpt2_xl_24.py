@@ -20,4 +20,3 @@ log_interval = 20
 baselines = False
 hess_interval = 10
 mask_interval = 10
-compile = True

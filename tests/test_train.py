@@ -161,7 +161,7 @@ def test_crash_mid_save_keeps_the_old_checkpoint(work, straight):
     pytest.param(['--max_iters=abc'], ["--max_iters='abc'", 'expected int, got str'], False, id='int'),
     pytest.param(["--learning_rate='x'"], ["--learning_rate='x'", 'expected float, got str'], False, id='float'),
     pytest.param(['--baselines=1'], ['--baselines=1', 'expected bool, got int'], False, id='bool'),
-    pytest.param(['--dataset=nope'], [os.path.join('data', 'nope_tiny', 'train.bin') + ' not found',
+    pytest.param(['--dataset=nope'], [os.path.join('data', 'nope_tiny', 'meta.json') + ' not found',
                                       'python prepare.py nope --model=tiny'], False, id='no-data'),
     pytest.param(['--init_from=sparseforge/not-a-model'], ["cannot load model 'sparseforge/not-a-model'"], True,
                  id='no-model'),
