@@ -39,11 +39,11 @@ def check_pattern(model, pattern):
             out[f'transformer.h.{name}'] = ((g > 0).sum(-1) > n).sum().item()
     return out
 
-def zero_shot(hf_dir, tasks, batch_size=8, limit=None):
-    """lm-evaluation-harness in process on an HF checkpoint dir; {task: (acc, acc_norm or None)}."""
+def zero_shot(hf_dir, tasks, **kw):
+    """lm-eval in process on an HF checkpoint dir, kw to simple_evaluate: {task: (acc, acc_norm or None)}."""
     import lm_eval
-    res = lm_eval.simple_evaluate(model='hf', model_args=f'pretrained={hf_dir},dtype=float32', tasks=tasks, limit=limit,
-                                  batch_size=batch_size, device='cuda' if torch.cuda.is_available() else 'cpu')
+    res = lm_eval.simple_evaluate(model='hf', model_args=f'pretrained={hf_dir},dtype=float32', tasks=tasks, batch_size=8,
+                                  device='cuda' if torch.cuda.is_available() else 'cpu', **kw)
     return {t: (r['acc,none'], r.get('acc_norm,none')) for t, r in res['results'].items() if 'acc,none' in r}
 
 def load(path):

@@ -140,7 +140,7 @@ class GPT(nn.Module):
 
     @staticmethod
     def config_from_hf(hf):
-        d = hf.to_dict()
+        d = {k: v for k, v in hf.to_dict().items() if k != 'quantization_config'}  # export writes plain fp32
         if d['model_type'] == 'gpt2':
             return GPTConfig('gpt2', d['n_positions'], d['vocab_size'], d['n_layer'], d['n_head'], d['n_head'],
                              d['n_embd'], d['n_embd'] // d['n_head'], d['n_inner'] or 4 * d['n_embd'],
