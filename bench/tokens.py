@@ -1,0 +1,114 @@
+"""
+Val perplexity against retraining tokens for every method train.py runs, at equal token budgets: dense, the one-shot
+baselines (magnitude, Wanda, SparseGPT), AST-style retraining, SparseForge and the paper's ablations (magnitude score,
+SLoRB on, KD off); then SparseForge's ms/iter against plain KD fine-tuning (--method=dense) of the same model and batch.
+A thin driver: each row is one `python train.py ...` run in the current directory (where data/ is), its output kept in
+<out>/<method>_<iters>/log.txt. Prints one table and writes it to <out>/tokens.csv and <out>/tokens.png.
+
+    python prepare.py pydoc --model=smollm2 && python bench/tokens.py   # embedded default, offline, CPU
+    python bench/tokens.py --model=gpt2 --dataset=c4 --budgets=250,1000,4000 --batch_size=16 --block_size=1024
+
+The default (SmolLM2-135M, pydoc, 16 and 64 iterations of 4 x 256 tokens, 64 being the README's budget) is 480 training
+iterations (6.5-7.8 s each for SparseForge on 2 CPU cores, README; less without a mask or a teacher) plus 16 model loads
+and evaluations: roughly an hour (estimated, not measured). On a GPU train.py picks cuda and bf16 itself; --extra
+passes anything else to every run (e.g. "--gradient_accumulation_steps=8").
+"""
+import argparse, csv, os, re, shlex, subprocess, sys, time
+import matplotlib
+matplotlib.use('Agg')  # files only, no display
+import matplotlib.pyplot as plt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = {  # name -> train.py arguments
+    'dense': ['--method=dense', '--w_kl=0.0'],  # evaluated only (0 iterations), so no teacher
+    'magnitude': ['--method=magnitude'],
+    'wanda': ['--method=wanda'],
+    'sparsegpt': ['--method=sparsegpt'],
+    'ast': [os.path.join(ROOT, 'config', 'ast_smollm2.py')],  # it sets max_iters: it goes first, the overrides after
+    'sparseforge': [],                                        # the default: soft mask, wanda score, KD, no SLoRB
+    'sf-magnitude-score': ['--score=magnitude'],
+    'sf-slorb': ['--slorb_k=16'],
+    'sf-no-kd': ['--w_kl=0.0'],
+    'kd-dense': ['--method=dense'],                           # KD fine-tuning without a mask: the overhead baseline
+}
+ONCE = ('dense', 'magnitude', 'wanda', 'sparsegpt')  # no retraining: run once, at 0 tokens (calibration not counted)
+
+p = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0])
+p.add_argument('--model', default='smollm2', help='train.py --init_from: HF name, local dir, .gguf or smollm2')
+p.add_argument('--dataset', default='pydoc', help='data/<dataset>_<model>/ from prepare.py')
+p.add_argument('--budgets', default='16,64', help='comma-separated retraining iterations')
+p.add_argument('--methods', default=','.join(METHODS), help='comma-separated, from: ' + ', '.join(METHODS))
+p.add_argument('--batch_size', type=int, default=4)
+p.add_argument('--block_size', type=int, default=256, help='training sequence and evaluation window length')
+p.add_argument('--out', default='out/bench')
+p.add_argument('--extra', default='', help='more train.py --key=value arguments, given to every run')
+a = p.parse_args()
+budgets, methods = [int(b) for b in a.budgets.split(',')], a.methods.split(',')
+if unknown := set(methods) - set(METHODS):
+    sys.exit(f'unknown methods {sorted(unknown)}; the methods are {", ".join(METHODS)}')
+methods = ['dense'] + [m for m in methods if m != 'dense']  # the ratio column needs it
+common = [f'--init_from={a.model}', f'--dataset={a.dataset}', f'--batch_size={a.batch_size}',
+          f'--block_size={a.block_size}', '--baselines=False', '--log_interval=1'] + shlex.split(a.extra)
+# offline unless the caller's environment says otherwise: hub look-ups hang before failing here (README)
+env = {'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', **os.environ}
+
+def run(name, iters):
+    """One train.py run -> a table row; val ppl evaluated once, at the end (eval_interval = iters)."""
+    d = os.path.join(a.out, f'{name}_{iters}')
+    cmd = [sys.executable, os.path.join(ROOT, 'train.py')] + METHODS[name] + common + [
+        f'--max_iters={iters}', f'--eval_interval={max(1, iters)}', f'--out_dir={d}']
+    t0 = time.time()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall, log = time.time() - t0, r.stdout + r.stderr
+    os.makedirs(d, exist_ok=True)
+    open(os.path.join(d, 'log.txt'), 'w').write(log)
+    ppl = re.search(r'^final .*: val ppl ([\d.]+)$', r.stdout, re.M)
+    if r.returncode or not ppl:
+        sys.exit(f'{name} at {iters} iterations failed:\n  {shlex.join(cmd)}\n{log[-3000:]}')
+    # the checkpoint holds weights, masks, their statistics and AdamW moments, ~3 GB for SmolLM2; the table needs none
+    os.remove(os.path.join(d, 'ckpt.pt'))
+    tokens_per_iter = int(re.search(r'tokens per iteration: ([\d,]+)', r.stdout)[1].replace(',', ''))
+    ms = [float(m) for m in re.findall(r'^iter [1-9]\d*: loss .*?, (\d+)ms', r.stdout, re.M)]  # iter 0 warms up
+    row = dict(method=name, iters=iters, tokens=iters * tokens_per_iter, val_ppl=float(ppl[1]), wall_s=round(wall, 1),
+               ms_iter=round(sum(ms) / len(ms), 1) if ms else None)
+    print(f'{name} {iters} iters: val ppl {row["val_ppl"]:.2f}, {wall:.0f}s', flush=True)
+    return row
+
+rows = [run(m, 0) for m in methods if m in ONCE] + [run(m, b) for b in budgets for m in methods if m not in ONCE]
+for r in rows:
+    r['ratio'] = round(r['val_ppl'] / rows[0]['val_ppl'], 3)
+
+cols = ['method', 'iters', 'tokens', 'val_ppl', 'ratio', 'wall_s', 'ms_iter']
+fmt = '{:<20}{:>7}{:>11}{:>12}{:>9}{:>9}{:>9}'
+print('\n' + fmt.format('method', 'iters', 'tokens', 'val ppl', 'x dense', 'wall s', 'ms/iter'))
+for r in rows:
+    print(fmt.format(r['method'], r['iters'], f'{r["tokens"]:,}', f'{r["val_ppl"]:,.2f}', f'{r["ratio"]:.2f}',
+                     f'{r["wall_s"]:.0f}', '-' if r['ms_iter'] is None else f'{r["ms_iter"]:.0f}'))
+at = {(r['method'], r['iters']): r for r in rows}
+for b in budgets:  # the cost of the mask (scores, updates, projection) over the same KD step
+    sf, kd = at.get(('sparseforge', b)), at.get(('kd-dense', b))
+    if sf and kd and sf['ms_iter'] and kd['ms_iter']:
+        print(f'overhead at {b} iters: sparseforge {sf["ms_iter"]:.0f} ms/iter vs KD {kd["ms_iter"]:.0f} ms/iter'
+              f' = {sf["ms_iter"] / kd["ms_iter"]:.2f}x')
+
+os.makedirs(a.out, exist_ok=True)
+with open(os.path.join(a.out, 'tokens.csv'), 'w', newline='') as f:
+    w = csv.DictWriter(f, cols)
+    w.writeheader()
+    w.writerows(rows)
+plt.figure(figsize=(8, 5))
+for i, m in enumerate(methods):
+    pts = [(r['tokens'], r['val_ppl']) for r in rows if r['method'] == m]
+    if m in ONCE:  # 0 tokens: a level to beat, not a point on a log axis
+        plt.axhline(pts[0][1], color=f'C{i % 10}', ls='--', lw=1, label=f'{m} (0 tokens)')
+    else:
+        plt.plot(*zip(*pts), color=f'C{i % 10}', marker='o', label=m)
+plt.xscale('log')
+plt.yscale('log')
+plt.xlabel('retraining tokens')
+plt.ylabel('val perplexity')
+plt.title(f'{a.model} on {a.dataset}, batch {a.batch_size} x {a.block_size}')
+plt.legend(fontsize=8)
+plt.grid(True, which='both', alpha=0.3)
+plt.savefig(os.path.join(a.out, 'tokens.png'), dpi=120, bbox_inches='tight')
+print(f'wrote {a.out}/tokens.csv and {a.out}/tokens.png')
