@@ -34,9 +34,9 @@ def test_names(tmp_path):
     (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'gpt2'}))
     assert prepare.tag('gpt2-medium') == prepare.tag('openai-community/gpt2-xl') == prepare.tag(str(tmp_path)) == 'gpt2'
     assert prepare.tag('meta-llama/Llama-2-7b-hf') == 'llama-2-7b-hf'
-    assert prepare.data_dir('/some/where/notes.txt', 'smollm2') == os.path.join('data', 'notes_smollm2')
+    assert prepare.data_dir(str(tmp_path / 'notes.txt'), 'smollm2') == os.path.join('data', 'notes_smollm2')
     assert prepare.locate('meta-llama/Llama-2-7b-hf') == ('meta-llama/Llama-2-7b-hf', None)
-    assert prepare.locate('/m/x.Q8_0.gguf') == ('/m', 'x.Q8_0.gguf')
+    assert prepare.locate(str(tmp_path / 'x.Q8_0.gguf')) == (str(tmp_path), 'x.Q8_0.gguf')
 
 def test_pydoc_smollm2(tmp_path, monkeypatch, capsys):
     assert prepare.locate('smollm2') == smollm2()
