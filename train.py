@@ -133,7 +133,7 @@ if baselines and not ckpt:
 sparse = method != 'dense'
 layers = sf.sparsify(model, pattern, slorb_k, track_x=score == 'wanda') if sparse else []
 if baselines and not ckpt and sparse:
-    sf.set_mask(layers, [sf.project(sf.score(l, 'magnitude'), pattern) for l in layers])
+    sf.one_shot(model, layers, 'magnitude', calib=None)  # masks only: the weights are untouched
     evaluate(model, f'one-shot magnitude {pattern}')
     sf.set_mask(layers, [torch.ones_like(l.mask) for l in layers])
 if one_shot and not ckpt:
