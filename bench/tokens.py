@@ -1,17 +1,17 @@
 """
 Val perplexity against retraining tokens for every method train.py runs, at equal token budgets: dense, the one-shot
-baselines (magnitude, Wanda, SparseGPT), AST-style retraining, SparseForge and the paper's ablations (magnitude score,
-SLoRB on, KD off); then SparseForge's ms/iter against plain KD fine-tuning (--method=dense) of the same model and batch.
+baselines (magnitude, Wanda, SparseGPT), AST-style retraining, SparseForge and the paper's ablations (Hutchinson's
+Hessian score, magnitude score, SLoRB on, KD off), and plain KD fine-tuning of the dense model (--method=dense): the
+dense model that saw the same tokens (column "x KD") and the baseline of SparseForge's ms/iter overhead.
 A thin driver: each row is one `python train.py ...` run in the current directory (where data/ is), its output kept in
 <out>/<method>_<iters>/log.txt. Prints one table and writes it to <out>/tokens.csv and <out>/tokens.png.
 
     python prepare.py pydoc --model=smollm2 && python bench/tokens.py   # embedded default, offline, CPU
     python bench/tokens.py --model=gpt2 --dataset=c4 --budgets=250,1000,4000 --batch_size=16 --block_size=1024
 
-The default (SmolLM2-135M, pydoc, 16 and 64 iterations of 4 x 256 tokens, 64 being the README's budget) is 480 training
-iterations (6.5-7.8 s each for SparseForge on 2 CPU cores, README; less without a mask or a teacher) plus 16 model loads
-and evaluations: roughly an hour (estimated, not measured). On a GPU train.py picks cuda and bf16 itself; --extra
-passes anything else to every run (e.g. "--gradient_accumulation_steps=8").
+The default (SmolLM2-135M, pydoc, 16 and 64 iterations of 4 x 256 tokens, 64 being the README's budget) is 560 training
+iterations plus 18 model loads and evaluations: 70 minutes on the 2-core CPU machine (README has the table). On a GPU
+train.py picks cuda and bf16 itself; --extra passes anything else to every run (e.g. "--gradient_accumulation_steps=8").
 """
 import argparse, csv, os, re, shlex, subprocess, sys, time
 import matplotlib
@@ -26,6 +26,7 @@ METHODS = {  # name -> train.py arguments
     'sparsegpt': ['--method=sparsegpt'],
     'ast': [os.path.join(ROOT, 'config', 'ast_smollm2.py')],  # it sets max_iters: it goes first, the overrides after
     'sparseforge': [],                                        # the default: soft mask, wanda score, KD, no SLoRB
+    'sf-hutchinson': ['--score=hessian'],                     # the paper's score: OBD with Hutchinson's diag(H)
     'sf-magnitude-score': ['--score=magnitude'],
     'sf-slorb': ['--slorb_k=16'],
     'sf-no-kd': ['--w_kl=0.0'],
@@ -75,21 +76,27 @@ def run(name, iters):
     return row
 
 rows = [run(m, 0) for m in methods if m in ONCE] + [run(m, b) for b in budgets for m in methods if m not in ONCE]
-for r in rows:
+at = {(r['method'], r['iters']): r for r in rows}
+for r in rows:  # against the starting dense model, and against dense KD fine-tuning on the same tokens
     r['ratio'] = round(r['val_ppl'] / rows[0]['val_ppl'], 3)
+    r['vs_kd'] = round(r['val_ppl'] / at[('kd-dense', r['iters'])]['val_ppl'], 3) if ('kd-dense', r['iters']) in at else None
 
-cols = ['method', 'iters', 'tokens', 'val_ppl', 'ratio', 'wall_s', 'ms_iter']
-fmt = '{:<20}{:>7}{:>11}{:>12}{:>9}{:>9}{:>9}'
-print('\n' + fmt.format('method', 'iters', 'tokens', 'val ppl', 'x dense', 'wall s', 'ms/iter'))
+cols = ['method', 'iters', 'tokens', 'val_ppl', 'ratio', 'vs_kd', 'wall_s', 'ms_iter']
+fmt = '{:<20}{:>7}{:>11}{:>12}{:>9}{:>9}{:>9}{:>9}'
+print('\n' + fmt.format('method', 'iters', 'tokens', 'val ppl', 'x dense', 'x KD', 'wall s', 'ms/iter'))
 for r in rows:
     print(fmt.format(r['method'], r['iters'], f'{r["tokens"]:,}', f'{r["val_ppl"]:,.2f}', f'{r["ratio"]:.2f}',
-                     f'{r["wall_s"]:.0f}', '-' if r['ms_iter'] is None else f'{r["ms_iter"]:.0f}'))
-at = {(r['method'], r['iters']): r for r in rows}
+                     '-' if r['vs_kd'] is None else f'{r["vs_kd"]:.2f}', f'{r["wall_s"]:.0f}',
+                     '-' if r['ms_iter'] is None else f'{r["ms_iter"]:.0f}'))
 for b in budgets:  # the cost of the mask (scores, updates, projection) over the same KD step
     sf, kd = at.get(('sparseforge', b)), at.get(('kd-dense', b))
     if sf and kd and sf['ms_iter'] and kd['ms_iter']:
         print(f'overhead at {b} iters: sparseforge {sf["ms_iter"]:.0f} ms/iter vs KD {kd["ms_iter"]:.0f} ms/iter'
               f' = {sf["ms_iter"] / kd["ms_iter"]:.2f}x')
+for b in budgets:  # the paper's thesis: a better mask needs fewer tokens than AST-style retraining
+    sf, ast = at.get(('sparseforge', b)), at.get(('ast', 4 * b))
+    if sf and ast:
+        print(f'sparseforge at {b} iters: {sf["val_ppl"]:.2f} vs ast at {4 * b} iters: {ast["val_ppl"]:.2f}')
 
 os.makedirs(a.out, exist_ok=True)
 with open(os.path.join(a.out, 'tokens.csv'), 'w', newline='') as f:
