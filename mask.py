@@ -37,9 +37,13 @@ def project(t, pattern):
     """Proj: the exact binary pattern (D, C) that keeps the largest entries of t per group."""
     return ungroup(topn(*groups(t, pattern))[0], t.shape, pattern)
 
+class MaskedWeight(torch.autograd.Function):
+    """W * m, straight-through: dL/dW = dL/d(W m), unmasked (one pass over W, none in the backward)."""
+    forward = staticmethod(lambda ctx, w, m: w * m)
+    backward = staticmethod(lambda ctx, g: (g, None))
+
 class SparseLinear(nn.Module):
-    """y = x (W * m_eff)^T + b (+ SLoRB). Straight-through: the gradient w.r.t. W is the unmasked one, so
-    pruned weights can grow back, until finalize() freezes the mask and the gradient is masked too."""
+    """y = x (W * m_eff)^T + b (+ SLoRB), W's gradient straight-through until finalize() freezes m and masks it."""
     def __init__(self, linear, pattern, slorb_k=0, track_x=False):
         super().__init__()
         D, C = linear.weight.shape
@@ -50,8 +54,6 @@ class SparseLinear(nn.Module):
         self.register_buffer('hess', torch.zeros(D, C, **f32))  # EMA of the Hutchinson estimate of diag(H)
         self.register_buffer('x_sq', torch.zeros(C, **f32))  # EMA of x_j^2 (wanda score)
         self.register_buffer('x', torch.ones((), **f32))  # quench mix: m_eff = x m + (1 - x) Proj(m)
-        self.register_buffer('frozen', torch.zeros((), dtype=torch.bool, device=linear.weight.device))
-        self.weight.register_hook(lambda g: g * torch.where(self.frozen, self.mask, 1.0).to(g.dtype))
         # SLoRB: y += (x summed over groups of k inputs) B^T, a dense rank-C/k bypass; B = 0 keeps student == teacher
         self.slorb = nn.Parameter(torch.zeros(D, C // slorb_k, **f32)) if slorb_k else None
 
@@ -59,8 +61,7 @@ class SparseLinear(nn.Module):
         if self.track_x and self.training:  # running mean of x_j^2 for the wanda score
             self.x_sq.lerp_(x.detach().float().pow(2).flatten(0, -2).mean(0), 0.02)
         m = self.proj.lerp(self.mask, self.x).to(self.weight.dtype)  # x m + (1 - x) Proj(m), exact at x = 0 and 1
-        w = torch.addcmul(self.weight, self.weight.detach(), m - 1)  # value W m, gradient w.r.t. W the identity
-        y = F.linear(x, w, self.bias)
+        y = F.linear(x, MaskedWeight.apply(self.weight, m), self.bias)
         if self.slorb is not None:
             y = y + x.unflatten(-1, (self.slorb.size(1), -1)).sum(-1) @ self.slorb.t().to(x.dtype)
         return y
@@ -144,7 +145,7 @@ def finalize(layers, optimizer=None):
     for l in layers:
         l.mask.copy_(l.proj)
         l.x.zero_()
-        l.frozen.fill_(True)
+        l.weight.register_hook(lambda g, m=l.mask: g * m)  # once per process: train.py calls this on resume too
         pruned = l.proj == 0
         l.weight.masked_fill_(pruned, 0.0)
         for buf in (optimizer.state.get(l.weight, {}) if optimizer else {}).values():

@@ -147,11 +147,10 @@ if one_shot and not ckpt:
 optimizer = torch.optim.AdamW([{'params': [p for p in model.parameters() if p.dim() >= 2], 'weight_decay': weight_decay},
                                {'params': [p for p in model.parameters() if p.dim() < 2], 'weight_decay': 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=device.startswith('cuda'))
-iter_num = 0
+iter_num = ckpt['iter_num'] if ckpt else 0
 if ckpt:
     model.load_state_dict(ckpt['model'])
     optimizer.load_state_dict(ckpt['optimizer'])
-    iter_num = ckpt['iter_num']
     ckpt = None  # free memory
 raw_model = model
 if ddp:  # buffers (mask, hess) are kept equal by all-reduces in mask.py, not broadcast every forward
@@ -204,7 +203,7 @@ while True:
     T, beta, lam, x = get_mask_schedule(iter_num)
     for l in layers:
         l.x.fill_(x)
-    if sparse and iter_num == min(it_hard1, max_iters) and not one_shot:
+    if sparse and not one_shot and iter_num == max(it_hard1, start_iter):  # again on resume: it masks dW from here on
         sf.finalize(layers, optimizer)
     if (eval_interval and iter_num % eval_interval == 0 or iter_num == end) and (iter_num > start_iter or iter_num == max_iters):
         val_ppl = evaluate(raw_model, f'iter {iter_num}')

@@ -107,9 +107,9 @@ plt.figure(figsize=(8, 5))
 for i, m in enumerate(methods):
     pts = [(r['tokens'], r['val_ppl']) for r in rows if r['method'] == m]
     if m in ONCE:  # 0 tokens: a level to beat, not a point on a log axis
-        plt.axhline(pts[0][1], color=f'C{i % 10}', ls='--', lw=1, label=f'{m} (0 tokens)')
+        plt.axhline(pts[0][1], color=plt.cm.tab20(i % 20), ls='--', lw=1, label=f'{m} (0 tokens)')
     else:
-        plt.plot(*zip(*pts), color=f'C{i % 10}', marker='o', label=m)
+        plt.plot(*zip(*pts), color=plt.cm.tab20(i % 20), marker='o', label=m)
 plt.xscale('log')
 plt.yscale('log')
 plt.xlabel('retraining tokens')

@@ -122,6 +122,15 @@ def test_resume_is_exact(work, straight, split):
     for k, v in sa['model'].items():  # weights, masks, Hessian EMA: bit for bit
         assert torch.equal(v, sb['model'][k]), k
 
+def test_resume_after_finalisation(work, straight):
+    """Split at 5, after the mask froze at 4: the resumed run masks dW again (pruned weights stay +0.0)."""
+    train(work, *TINY, *QUENCH, '--out_dir=late', '--stop_iter=5')
+    second = train(work, *TINY, *QUENCH, '--out_dir=late', '--init_from=resume').stdout
+    assert losses(second) == {5: losses(straight)[5]}
+    sa, sb = (torch.load(work / d / 'ckpt.pt', weights_only=False)['model'] for d in ('straight', 'late'))
+    for k, v in sa.items():
+        assert torch.equal(v, sb[k]), k
+
 def test_resumed_checkpoint_resumes_again(work, straight, split):
     shutil.copytree(work / 'split', work / 'again')  # ckpt.pt: iteration 6, written by a resumed run
     p = train(work, *TINY, *QUENCH, '--out_dir=again', '--init_from=resume', ok=False)
