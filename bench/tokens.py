@@ -10,7 +10,7 @@ A thin driver: each row is one `python train.py ...` run in the current director
     python bench/tokens.py --model=gpt2 --dataset=c4 --budgets=250,1000,4000 --batch_size=16 --block_size=1024
 
 The default (SmolLM2-135M, pydoc, 16 and 64 iterations of 4 x 256 tokens, 64 being the README's budget) is 560 training
-iterations plus 18 model loads and evaluations: 70 minutes on the 2-core CPU machine (README has the table). On a GPU
+iterations plus 18 model loads and evaluations: 75 minutes on the 2-core CPU machine (README has the table). On a GPU
 train.py picks cuda and bf16 itself; --extra passes anything else to every run (e.g. "--gradient_accumulation_steps=8").
 """
 import argparse, csv, os, re, shlex, subprocess, sys, time
