@@ -242,6 +242,6 @@ while True:
               + ' '.join(f'{k} {v:.3f}' for k, v in stats.items()))
     iter_num += 1
 if master:
-    print(f'{"final" if iter_num == max_iters else "stopped"} {method} {pattern if sparse else "dense"}: val ppl {val_ppl:.2f}')
+    print(f'{"final" if iter_num == max_iters else "stopped"} {method}{" " + pattern if sparse else ""}: val ppl {val_ppl:.2f}')
 if ddp:
     dist.destroy_process_group()
