@@ -15,16 +15,16 @@ from prepare import locate
 
 @torch.no_grad()
 def perplexity(model, tokens, block_size, batch_size=8, device='cpu'):
-    """exp(mean NLL) over the (n, block_size) windows of 1-D tokens; DDP ranks share them and all get the result."""
+    """exp(mean NLL) over the (n, block_size) windows of 1-D tokens; DDP/FSDP ranks share them, all get the result."""
     n = len(tokens) // block_size
     assert n > 0, f'{len(tokens)} tokens is less than one window of {block_size}'
     windows = torch.from_numpy(np.asarray(tokens[:n * block_size], dtype=np.int64)).view(n, block_size)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     nll = torch.zeros((), dtype=torch.float64, device=device)  # summed over the n * (block_size - 1) predictions
-    for i in range(rank * batch_size, n, world * batch_size):
-        x = windows[i:i + batch_size].to(device)
+    for i in range(rank * batch_size, -(-n // (world * batch_size)) * world * batch_size, world * batch_size):
+        x = windows[min(i, n - 1):i + batch_size].to(device)  # past the end: a 0-weight forward (FSDP's are collective)
         _, loss = model(x[:, :-1], x[:, 1:])  # the last token is only a target (causal)
-        nll += loss.double() * x[:, 1:].numel()
+        nll += loss.double() * x[:, 1:].numel() * (i < n)
     if dist.is_initialized():
         dist.all_reduce(nll)
     return math.exp(nll / (n * (block_size - 1)))
@@ -53,7 +53,7 @@ def load(path):
     ckpt = torch.load(path, map_location='cpu', weights_only=False)
     model, cfg = GPT(GPTConfig(**ckpt['model_args'])), ckpt['config']
     if cfg['method'] != 'dense':
-        sf.sparsify(model, cfg['pattern'], cfg['slorb_k'])
+        sf.sparsify(model, cfg['pattern'], cfg['slorb_k'], cfg['score'])
     model.load_state_dict(ckpt['model'])
     return model.eval(), cfg
 

@@ -6,8 +6,7 @@
 2:4      vals [D, C/2] + meta [D, ceil(C/8)] uint8: per group of 4 along C a 4-bit code i0 | i1 << 2
          (kept positions, i0 < i1), two groups a byte. fp16: 9/16 of the dense bytes.
 block16  tiles [D/16, K, 16, 16] + cols [D/16, K] int32: tiles[b, t] = W[16b:16b+16, 16*cols[b, t]:+16];
-         K = most nonzero tiles in any 16-row band, the other bands are padded with zero tiles.
-"""
+         K = most nonzero tiles in any 16-row band, the other bands are padded with zero tiles."""
 import os
 import torch
 import torch.nn as nn
@@ -21,8 +20,7 @@ backend = 'auto'  # 'auto' | 'triton' | 'torch' | 'cusparselt'
 INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
 
 # ----------------------------------------------------------------------------------------------------------- formats
-def _keep(nz, k):
-    # [..., n] bool -> [..., k] indices to store: nonzeros first, then the lowest zero slots, ascending
+def _keep(nz, k):  # [..., n] bool -> [..., k] indices to store: nonzeros first, then the lowest zero slots, ascending
     return (~nz).to(torch.uint8).argsort(dim=-1, stable=True)[..., :k].sort(-1).values
 
 def pack24(w):

@@ -1,10 +1,9 @@
-"""
-SparseForge's soft mask (paper sections 4.2-4.3, SPEC sections 2-9) as a module swap: sparsify() puts a SparseLinear
+"""SparseForge's soft mask (paper sections 4.2-4.3, SPEC sections 2-9) as a module swap: sparsify() puts a SparseLinear
 in place of every decoder nn.Linear; train.py calls hutchinson() every hess_interval steps, update() (Eq. 3-5) every
 mask_interval steps and finalize() at hard_end. one_shot() runs the magnitude / Wanda / SparseGPT baselines.
 Patterns: 'N:M' (groups of M along the input dim), 'block16' (16x16 tiles, half kept in every 16-row band),
-'unstructured' (50% per layer). All mask state is fp32 registered buffers.
-"""
+'unstructured' (50% per layer). All mask state is fp32 registered buffers; under FSDP mask and proj are
+frozen Parameters (train.py), sharded by rows with their weight: update() and finalize() work on each rank's rows."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -43,15 +42,15 @@ class MaskedWeight(torch.autograd.Function):
     backward = staticmethod(lambda ctx, g: (g, None))
 
 class SparseLinear(nn.Module):
-    """y = x (W * m_eff)^T + b (+ SLoRB), W's gradient straight-through until finalize() freezes m and masks it."""
-    def __init__(self, linear, pattern, slorb_k=0, track_x=False):
+    """y = x (W * m_eff)^T + b (+ SLoRB), W's gradient straight-through (train.py masks it once finalize() froze m)."""
+    def __init__(self, linear, pattern, slorb_k=0, score='hessian'):
         super().__init__()
         D, C = linear.weight.shape
-        self.weight, self.bias, self.pattern, self.track_x = linear.weight, linear.bias, pattern, track_x
+        self.weight, self.bias, self.pattern, self.track_x = linear.weight, linear.bias, pattern, score == 'wanda'
         f32 = dict(dtype=torch.float32, device=linear.weight.device)
         self.register_buffer('mask', torch.ones(D, C, **f32))  # m in [0, 1]: starts dense, student == teacher
         self.register_buffer('proj', torch.ones(D, C, **f32))  # Proj(m), refreshed with m
-        self.register_buffer('hess', torch.zeros(D, C, **f32))  # EMA of the Hutchinson estimate of diag(H)
+        self.register_buffer('hess', torch.zeros(D, C, **f32) if score == 'hessian' else None)  # EMA of Hutchinson diag(H)
         self.register_buffer('x_sq', torch.zeros(C, **f32))  # EMA of x_j^2 (wanda score)
         self.register_buffer('x', torch.ones((), **f32))  # quench mix: m_eff = x m + (1 - x) Proj(m)
         # SLoRB: y += (x summed over groups of k inputs) B^T, a dense rank-C/k bypass; B = 0 keeps student == teacher
@@ -66,7 +65,7 @@ class SparseLinear(nn.Module):
             y = y + x.unflatten(-1, (self.slorb.size(1), -1)).sum(-1) @ self.slorb.t().to(x.dtype)
         return y
 
-def sparsify(model, pattern, slorb_k=0, track_x=False):
+def sparsify(model, pattern, slorb_k=0, score='hessian'):
     """Swap every nn.Linear inside the decoder blocks for a SparseLinear; returns the list of them."""
     layers = []
     for name, mod in list(model.transformer.h.named_modules()):
@@ -76,7 +75,7 @@ def sparsify(model, pattern, slorb_k=0, track_x=False):
                 if C % m or (pattern == 'block16' and D % 16) or (slorb_k and C % slorb_k):
                     raise ValueError(f'transformer.h.{name}.{cname}: weight {D}x{C} does not fit pattern {pattern}'
                                      f'{f" with SLoRB k={slorb_k}" if slorb_k else ""}; pick another pattern')
-                layers.append(SparseLinear(child, pattern, slorb_k, track_x))
+                layers.append(SparseLinear(child, pattern, slorb_k, score))
                 setattr(mod, cname, layers[-1])
     return layers
 
@@ -98,8 +97,11 @@ def hutchinson(layers, loss_fn, beta=0.98):
             dist.all_reduce(d, op=dist.ReduceOp.AVG)
         l.hess.lerp_(d, 1 - beta)
 
+def local(t):  # a DTensor (FSDP) -> this rank's rows; other tensors as they are
+    return t.to_local() if hasattr(t, 'to_local') else t
+
 def score(l, kind):
-    W = l.weight.detach().float()
+    W = local(l.weight).detach().float()
     if kind == 'hessian':  # OBD: loss increase of removing w is about H w^2 / 2
         h = l.hess.clamp(min=0)
         return (h + 1e-3 * h.mean() + 1e-30) * W ** 2  # eps: weights with no curvature still rank by size
@@ -109,27 +111,31 @@ def score(l, kind):
 def update(layers, kind, T, beta, lam, alpha=0.1):
     """One soft-mask step for every layer (Algorithm 1, lines 8-12); returns statistics for the log."""
     stats = dict(mid=0.0, dist=0.0, flips=0.0) | (dict(hdiff=0.0, hsnr=0.0) if kind == 'hessian' else {})
-    n = sum(l.mask.numel() for l in layers)
+    n = sum(local(l.mask).numel() for l in layers)  # under FSDP the statistics are this rank's rows
     for l in layers:
         if kind == 'wanda' and dist.is_initialized():  # same statistics, same mask, on every rank
             dist.all_reduce(l.x_sq, op=dist.ReduceOp.AVG)
         g, N = groups(score(l, kind), l.pattern)
-        z = (g - g.mean()) / (g.std() + 1e-6)  # layer-wise standardisation: T gets a fixed scale
+        s = torch.stack([g.new_tensor(g.numel()), g.sum(), g.square().sum()]).double()
+        if dist.is_initialized():  # the layer's moments over all ranks' rows (FSDP; under DDP all hold the same)
+            dist.all_reduce(s)
+        mean, std = s[1] / s[0], (s[2] / s[0] - (s[1] / s[0]) ** 2).clamp(min=0).sqrt()
+        z = (g - mean.float()) / (std.float() + 1e-6)  # layer-wise standardisation: T gets a fixed scale
         hard, order = topn(z, N)
         zs = z.gather(-1, order)
         tau = (zs[:, N - 1:N] + zs[:, N:N + 1]) / 2  # between the N-th and (N+1)-th: exactly N above 0.5
         G = (1 - beta) * torch.sigmoid((z - tau) / T) + beta * hard  # Eq. 3, then the structure blend
-        G, hard = ungroup(G, l.mask.shape, l.pattern), ungroup(hard, l.mask.shape, l.pattern)
-        G = (G - lam * (l.mask - hard)).clamp(0, 1)  # mid penalty, Eq. 4
-        l.mask.lerp_(G, alpha)  # Eq. 5
-        proj = project(l.mask, l.pattern)
-        stats['flips'] += (proj != l.proj).sum().item() / n
-        stats['mid'] += ((l.mask > 0.05) & (l.mask < 0.95)).sum().item() / n
-        stats['dist'] += (l.mask - proj).abs().sum().item() / n
+        mask, old = local(l.mask), local(l.proj)
+        G, hard = ungroup(G, mask.shape, l.pattern), ungroup(hard, mask.shape, l.pattern)
+        G = (G - lam * (mask - hard)).clamp(0, 1)  # mid penalty, Eq. 4
+        mask.lerp_(G, alpha)  # Eq. 5
+        proj = project(mask, l.pattern)
+        for k, v in dict(flips=proj != old, mid=(mask > 0.05) & (mask < 0.95), dist=(mask - proj).abs()).items():
+            stats[k] += v.sum().item() / n
         if kind == 'hessian':  # H is alive: its pattern departs from magnitude's; hsnr: mean(H) / std(H)
             stats['hdiff'] += (project(score(l, 'magnitude'), l.pattern) != hard).sum().item() / n
             stats['hsnr'] += (l.hess.mean() / l.hess.std()).item() / len(layers)
-        l.proj.copy_(proj)
+        old.copy_(proj)
     return stats
 
 @torch.no_grad()
@@ -141,11 +147,10 @@ def set_mask(layers, masks):  # binary masks: one-shot baselines
 @torch.no_grad()
 def finalize(layers, optimizer=None):
     """m <- Proj(m), frozen; W <- W * m with exact +0.0; their Adam moments are cleared, and with the
-    gradient masked from here on pruned weights stay +0.0 (SPEC section 6)."""
+    gradient masked from here on (train.py: dW * m) pruned weights stay +0.0 (SPEC section 6)."""
     for l in layers:
         l.mask.copy_(l.proj)
         l.x.zero_()
-        l.weight.register_hook(lambda g, m=l.mask: g * m)  # once per process: train.py calls this on resume too
         pruned = l.proj == 0
         l.weight.masked_fill_(pruned, 0.0)
         for buf in (optimizer.state.get(l.weight, {}) if optimizer else {}).values():
@@ -188,7 +193,6 @@ def one_shot(model, layers, method, calib):
     x, rope = model.embed(calib)
     for block in model.transformer.h:
         xtx = {l: 0 for l in block.modules() if isinstance(l, SparseLinear)}  # running X^T X of each input
-
         def collect(l, inp, out):
             a = inp[0].flatten(0, 1).double()
             xtx[l] = xtx[l] + a.T @ a
@@ -220,7 +224,6 @@ def merge(model):
                 if l.slorb is not None:
                     print(f'{name}: SLoRB folded into the weight: 2:4 plus a dense rank-{l.slorb.size(1)} branch, not 2:4')
                     w = w + l.slorb.repeat_interleave(l.weight.size(1) // l.slorb.size(1), dim=1)
-                lin = nn.Linear(w.size(1), w.size(0), bias=False, device=w.device, dtype=l.weight.dtype)
-                lin.weight.copy_(w)
-                lin.bias = l.bias
+                lin = nn.Linear(w.size(1), w.size(0), bias=False, device='meta')
+                lin.weight, lin.bias = nn.Parameter(w.to(l.weight.dtype)), l.bias
                 setattr(mod, name, lin)

@@ -1,9 +1,7 @@
-"""
-The dense decoder: GPT-2 and the LLaMA family (LLaMA, Mistral, SmolLM2, Qwen2 q/k/v bias, Qwen3 q/k norm) in one
+"""The dense decoder: GPT-2 and the LLaMA family (LLaMA, Mistral, SmolLM2, Qwen2 q/k/v bias, Qwen3 q/k norm) in one
 GPT class whose variant is chosen once, from the Hugging Face config. Sparsity is mask.py's module swap.
     model = GPT.from_pretrained('gpt2')  # a hub name, a local HF dir, or (dir, gguf_file='x.gguf'), dequantised
-    model.export('out/hf')               # back to a standard HF checkpoint dir
-"""
+    model.export('out/hf')               # back to a standard HF checkpoint dir"""
 import os, re
 from dataclasses import dataclass, field
 import torch
@@ -50,8 +48,7 @@ class Attention(nn.Module):
         self.nh, self.nkv, self.hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.c_attn = nn.Linear(cfg.n_embd, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)  # q, k, v fused
         self.c_proj = nn.Linear(self.nh * self.hd, cfg.n_embd, bias=cfg.o_bias)
-        qk_norm = lambda: nn.RMSNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()  # Qwen3 only
-        self.q_norm, self.k_norm = qk_norm(), qk_norm()
+        self.q_norm, self.k_norm = (nn.RMSNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity() for _ in 'qk')
     def forward(self, x, rope, cache, pos):
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
@@ -101,8 +98,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie:
             self.lm_head.weight = self.transformer.wte.weight
-        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)
-        self.register_buffer('inv_freq', inv_freq, persistent=False)
+        self.register_buffer('inv_freq', 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim), False)
 
     def forward(self, idx, targets=None, cache=None, pos=0):
         """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy or None).
@@ -185,11 +181,10 @@ class GPT(nn.Module):
         extra = [k for k in hf_sd if k not in used and not k.endswith(('rotary_emb.inv_freq', '.attn.bias', 'masked_bias'))
                  and not (model.config.tie and k == 'lm_head.weight')]
         assert not extra, f'{name}: HF tensors with no place in the model: {extra[:5]}'
-        with torch.no_grad():
-            for ours, keys, transposed in names:
-                w = torch.cat([hf_sd[k].t() if transposed else hf_sd[k] for k in keys])
-                assert w.shape == sd[ours].shape, f'{ours}: shape {tuple(w.shape)} from HF != {tuple(sd[ours].shape)}'
-                sd[ours].copy_(w)
+        for ours, keys, transposed in names:  # state_dict() tensors are detached views of the parameters
+            w = torch.cat([hf_sd[k].t() if transposed else hf_sd[k] for k in keys])
+            assert w.shape == sd[ours].shape, f'{ours}: shape {tuple(w.shape)} from HF != {tuple(sd[ours].shape)}'
+            sd[ours].copy_(w)
         return model
 
     def export(self, out_dir, tokenizer=None):

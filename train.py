@@ -1,11 +1,9 @@
-"""
-SparseForge retraining: a pretrained model, a frozen dense copy of it as teacher, and a soft 2:4 mask that
+"""SparseForge retraining: a pretrained model, a frozen dense copy of it as teacher, and a soft 2:4 mask that
 is heated, quenched and frozen (mask.py). The defaults below are the embedded CPU run (SmolLM2-135M on the
 pydoc corpus); config/*.py files and --key=value arguments override them.
     python train.py                                                # embedded default, offline, CPU
     python train.py config/gpt2_xl_24.py --max_iters=100           # a config file, then overrides
-    torchrun --standalone --nproc_per_node=8 train.py config/llama2_7b.py
-"""
+    torchrun --standalone --nproc_per_node=8 train.py config/llama2_7b.py"""
 import copy, json, math, os, sys, time
 from ast import literal_eval
 from contextlib import nullcontext
@@ -14,7 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.distributed as dist
-from model import GPT, GPTConfig
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict, StateDictOptions
+from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+from model import GPT
 import mask as sf
 from prepare import data_dir, locate
 from eval import perplexity
@@ -46,6 +46,7 @@ srste_decay = 0.0              # SR-STE pull of pruned weights, grad += d W (1 -
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype; weights and masks stay fp32
 seed = 1337
+fsdp = False  # torchrun: shard weights, grads, AdamW, masks, teacher (FSDP2, 7B); not one-shot, hessian, unstructured, baselines
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 for arg in sys.argv[1:]:  # a config file, or --key=value; unknown keys and type changes are errors
@@ -74,7 +75,9 @@ nm = pattern.split(':')
 for key, ok in [('method', method in ('sparseforge', 'ast', 'dense', 'magnitude', 'wanda', 'sparsegpt')
                  and (method != 'sparsegpt' or ':' in pattern)),
                 ('score', score in ('hessian', 'magnitude', 'wanda')), ('pattern', pattern in ('block16', 'unstructured')
-                 or len(nm) == 2 and all(map(str.isdigit, nm)) and 0 < int(nm[0]) < int(nm[1]))]:
+                 or len(nm) == 2 and all(map(str.isdigit, nm)) and 0 < int(nm[0]) < int(nm[1])),
+                ('fsdp', not fsdp or 'RANK' in os.environ and method in ('sparseforge', 'ast', 'dense') and not baselines
+                 and score != 'hessian' and pattern != 'unstructured')]:
     if not ok:
         sys.exit(f'--{key}={globals()[key]!r} is not valid: see the comment beside {key} at the top of train.py')
 config = {k: globals()[k] for k in config_keys}
@@ -90,12 +93,12 @@ if ddp:
     assert gradient_accumulation_steps % world == 0, 'gradient_accumulation_steps must divide by the world size'
     gradient_accumulation_steps //= world
 tokens_per_iter = gradient_accumulation_steps * world * batch_size * block_size
-if master:
-    print(f'tokens per iteration: {tokens_per_iter:,}, {max_iters} iterations: {tokens_per_iter * max_iters:,} tokens')
-    os.makedirs(out_dir, exist_ok=True)
+log = print if master else lambda *args: None  # rank 0 prints for all
+log(f'tokens per iteration: {tokens_per_iter:,}, {max_iters} iterations: {tokens_per_iter * max_iters:,} tokens')
+os.makedirs(out_dir, exist_ok=True)
 ctx = nullcontext() if 'cpu' in device else torch.autocast('cuda', dtype=getattr(torch, dtype))
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False) if init_from == 'resume' else None
+ckpt = torch.load(ckpt_path, map_location='cpu', mmap=True, weights_only=False) if init_from == 'resume' else None
 name = config['init_from'] = ckpt['config']['init_from'] if ckpt else init_from  # the model, also when resuming
 ddir = data_dir(dataset, name)
 if not os.path.exists(os.path.join(ddir, 'meta.json')):  # prepare.py writes it last
@@ -116,22 +119,19 @@ def evaluate(m, label):
     with ctx:
         ppl = perplexity(m, data['val'][:eval_tokens or None], block_size, device=device)
     m.train()
-    if master:
-        print(f'{label}: val ppl {ppl:.2f}')
+    log(f'{label}: val ppl {ppl:.2f}')
     return ppl
 
 # the student, a frozen dense teacher, and the sparse layers
-model = GPT(GPTConfig(**ckpt['model_args'])) if ckpt else GPT.from_pretrained(*locate(name))
+model = GPT.from_pretrained(*locate(name))  # when resuming, the checkpoint's weights replace these below
 assert block_size <= model.config.block_size, f'block_size {block_size} > the model context {model.config.block_size}'
-model.to(device)
+model.to('cpu' if fsdp else device)  # FSDP moves each rank's shards to the GPU itself
 one_shot = method in ('magnitude', 'wanda', 'sparsegpt')
-teacher = None  # the dense starting model, also when resuming
-if w_kl > 0 and not one_shot:
-    teacher = (GPT.from_pretrained(*locate(name)).to(device) if ckpt else copy.deepcopy(model)).eval().requires_grad_(False)
+teacher = copy.deepcopy(model).eval().requires_grad_(False) if w_kl > 0 and not one_shot else None  # the dense start
 if baselines and not ckpt:
     evaluate(model, 'dense')
 sparse = method != 'dense'
-layers = sf.sparsify(model, pattern, slorb_k, track_x=score == 'wanda') if sparse else []
+layers = sf.sparsify(model, pattern, slorb_k, score) if sparse else []
 if baselines and not ckpt and sparse:
     sf.one_shot(model, layers, 'magnitude', calib=None)  # masks only: the weights are untouched
     evaluate(model, f'one-shot magnitude {pattern}')
@@ -139,23 +139,27 @@ if baselines and not ckpt and sparse:
 if one_shot and not ckpt:
     calib = torch.cat([get_batch(-1, i, 1, r=0)[0] for i in range(n_calib)])  # the same on every rank
     t0 = time.time()
-    sf.one_shot(model, layers, method, calib)
-    sf.finalize(layers)
-    if master:
-        print(f'one-shot {method} {pattern} on {n_calib} x {block_size} tokens in {time.time() - t0:.0f}s')
+    sf.one_shot(model, layers, method, calib)  # the loop then finalizes it at iteration 0 = int(hard_end * 0)
+    log(f'one-shot {method} {pattern} on {n_calib} x {block_size} tokens in {time.time() - t0:.0f}s')
     max_iters = 0
-optimizer = torch.optim.AdamW([{'params': [p for p in model.parameters() if p.dim() >= 2], 'weight_decay': weight_decay},
-                               {'params': [p for p in model.parameters() if p.dim() < 2], 'weight_decay': 0.0}],
+raw_model = model
+if fsdp:  # FSDP shards Parameters, not buffers: mask and proj become frozen Parameters, sharded by rows like W
+    for l in layers:
+        assert pattern != 'block16' or -(-l.weight.size(0) // world) % 16 == 0, 'FSDP block16: ranks must get whole bands'
+        l.mask, l.proj = (torch.nn.Parameter(t, requires_grad=False) for t in (l.mask, l.proj))
+    for m in [model, teacher] if teacher else [model]:
+        for mod in [*m.transformer.h, m]:
+            fully_shard(mod, mp_policy=MixedPrecisionPolicy(getattr(torch, dtype), torch.float32))
+elif ddp:  # buffers (mask, hess) are kept equal by all-reduces in mask.py, not broadcast every forward
+    model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+params = [p for p in model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=device.startswith('cuda'))
 iter_num = ckpt['iter_num'] if ckpt else 0
+full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on rank 0: one file for any world size
 if ckpt:
-    model.load_state_dict(ckpt['model'])
-    optimizer.load_state_dict(ckpt['optimizer'])
-    ckpt = None  # free memory
-raw_model = model
-if ddp:  # buffers (mask, hess) are kept equal by all-reduces in mask.py, not broadcast every forward
-    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(device[5:])] if 'cuda' in device else None,
-                                                      broadcast_buffers=False)
+    set_state_dict(model, optimizer, model_state_dict=ckpt['model'], optim_state_dict=ckpt['optimizer'], options=full)
 
 # -----------------------------------------------------------------------------
 # schedules: pure functions of the iteration, so a resumed run is the same run
@@ -188,11 +192,12 @@ def loss_fn(m, X, Y):
                   F.log_softmax(t_logits.flatten(0, 1).float() / kd_temp, -1), log_target=True, reduction='batchmean')
     return w_task * task + w_kl * kd_temp ** 2 * kl, task
 
-def save():
-    ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=asdict(raw_model.config),
-                iter_num=iter_num, config=config)
-    torch.save(ckpt, ckpt_path + '.tmp')  # write, then rename: a crash mid-write leaves the old file whole
-    os.replace(ckpt_path + '.tmp', ckpt_path)
+def save():  # on every rank: under FSDP gathering the state is a collective
+    msd, osd = get_state_dict(model, optimizer, options=full)
+    if master:  # write, then rename: a crash mid-write leaves the old file whole
+        torch.save(dict(model=msd, optimizer=osd, model_args=asdict(raw_model.config), iter_num=iter_num, config=config),
+                   ckpt_path + '.tmp')
+        os.replace(ckpt_path + '.tmp', ckpt_path)
 
 # -----------------------------------------------------------------------------
 start_iter, stats, val_ppl, dt_sum = iter_num, {}, None, 0.0
@@ -203,26 +208,26 @@ while True:
     T, beta, lam, x = get_mask_schedule(iter_num)
     for l in layers:
         l.x.fill_(x)
-    if sparse and not one_shot and iter_num == max(it_hard1, start_iter):  # again on resume: it masks dW from here on
+    if sparse and iter_num == it_hard1:
         sf.finalize(layers, optimizer)
     if (eval_interval and iter_num % eval_interval == 0 or iter_num == end) and (iter_num > start_iter or iter_num == max_iters):
         val_ppl = evaluate(raw_model, f'iter {iter_num}')
-        if master:
-            save()
+        save()
     if iter_num >= end:
         break
     t0 = time.time()
     torch.manual_seed(seed * 1_000_003 + iter_num * world + rank)  # Hutchinson probes: a pure function of the iteration
     for micro in range(gradient_accumulation_steps):
         X, Y = get_batch(iter_num, micro)
-        if ddp:  # sync gradients on the last micro-step only
+        if ddp and not fsdp:  # sync on the last micro-step only (FSDP reduce-scatters each: whole grads would not fit)
             model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
         with ctx:
             loss, task = loss_fn(model, X, Y)
         (loss / gradient_accumulation_steps).backward()
-    if srste_decay:  # SR-STE: decay pruned weights towards zero, ramping linearly to srste_decay
-        for l in layers:
-            l.weight.grad.add_(l.weight * (1 - l.mask), alpha=srste_decay * iter_num / max_iters)
+    for l in layers if srste_decay else []:  # SR-STE: decay pruned weights towards zero, ramping linearly to srste_decay
+        l.weight.grad.add_(l.weight * (1 - l.mask), alpha=srste_decay * iter_num / max_iters)
+    for l in layers if sparse and iter_num >= it_hard1 else []:  # the frozen pattern (finalize): pruned weights stay 0
+        l.weight.grad.mul_(l.mask)
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -235,13 +240,11 @@ while True:
             stats = sf.update(layers, score, T, beta, lam, alpha)
     dt_sum += time.time() - t0
     if iter_num % log_interval == 0 and master:
-        lossf = loss.item()  # the only GPU sync of the step; ms/iter is the mean since the last log line
-        dt, dt_sum = dt_sum / (1 if iter_num == start_iter else log_interval), 0.0
-        print(f'iter {iter_num}: loss {lossf:.4f} (ce {task.item():.3f}), {dt * 1000:.0f}ms, {tokens_per_iter / dt:.0f} tok/s, '
+        dt, dt_sum = dt_sum / (1 if iter_num == start_iter else log_interval), 0.0  # the mean since the last log line
+        print(f'iter {iter_num}: loss {loss.item():.4f} (ce {task.item():.3f}), {dt * 1000:.0f}ms, {tokens_per_iter / dt:.0f} tok/s, '
               f'eta {(max_iters - iter_num) * dt / 60:.1f}min | T {T:.3f} beta {beta:.3f} lam {lam:.3f} x {x:.3f} '
               + ' '.join(f'{k} {v:.3f}' for k, v in stats.items()))
     iter_num += 1
-if master:
-    print(f'{"final" if iter_num == max_iters else "stopped"} {method}{" " + pattern if sparse else ""}: val ppl {val_ppl:.2f}')
+log(f'{"final" if iter_num == max_iters else "stopped"} {method}{" " + pattern if sparse else ""}: val ppl {val_ppl:.2f}')
 if ddp:
     dist.destroy_process_group()
