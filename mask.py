@@ -113,8 +113,6 @@ def update(layers, kind, T, beta, lam, alpha=0.1):
     stats = dict(mid=0.0, dist=0.0, flips=0.0) | (dict(hdiff=0.0, hsnr=0.0) if kind == 'hessian' else {})
     n = sum(local(l.mask).numel() for l in layers)  # under FSDP the statistics are this rank's rows
     for l in layers:
-        if kind == 'wanda' and dist.is_initialized():  # same statistics, same mask, on every rank
-            dist.all_reduce(l.x_sq, op=dist.ReduceOp.AVG)
         g, N = groups(score(l, kind), l.pattern)
         s = torch.stack([g.new_tensor(g.numel()), g.sum(), g.square().sum()]).double()
         if dist.is_initialized():  # the layer's moments over all ranks' rows (FSDP; under DDP all hold the same)

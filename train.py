@@ -228,6 +228,8 @@ while True:
         l.weight.grad.add_(l.weight * (1 - l.mask), alpha=srste_decay * iter_num / max_iters)
     for l in layers if sparse and iter_num >= it_hard1 else []:  # the frozen pattern (finalize): pruned weights stay 0
         l.weight.grad.mul_(l.mask)
+    for l in layers if ddp and score == 'wanda' else []:  # one x_sq on all ranks, every step: same masks, exact resume
+        dist.all_reduce(l.x_sq, op=dist.ReduceOp.AVG)
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()

@@ -3,6 +3,8 @@
 # the fp32 student, its gradients and AdamW state, the fp32 mask and Proj(m), and the teacher: ~24 GB; each block
 # gathers W, m and Proj(m) in bf16 for its forward. Activations at 1 x 4096 tokens: ~20 GB, plus every layer's
 # W * m_eff (bf16, saved for the backward: ~13 GB for the model). The paper reports about 50 GPU-hours (L20A).
+# Host memory: every rank builds the whole fp32 student, teacher and masks on the CPU before sharding them, ~110 GB a
+# rank (~0.9 TB for 8), freed once sharded.
 # Data: the paper used Dolmino-mix-1124; C4 is what prepare.py offers.
 #   python prepare.py c4 --model=meta-llama/Llama-2-7b-hf --tokens=5100000000
 #   torchrun --standalone --nproc_per_node=8 train.py config/llama2_7b.py
