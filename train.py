@@ -150,7 +150,7 @@ if fsdp:  # FSDP shards Parameters, not buffers: mask and proj become frozen Par
     for m in [model, teacher] if teacher else [model]:
         for mod in [*m.transformer.h, m]:
             fully_shard(mod, mp_policy=MixedPrecisionPolicy(getattr(torch, dtype), torch.float32))
-elif ddp:  # buffers (mask, hess) are kept equal by all-reduces in mask.py, not broadcast every forward
+elif ddp:  # buffers (mask, hess, x_sq) are kept equal by all-reduces (mask.py, the loop), not broadcast every forward
     model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
@@ -228,13 +228,13 @@ while True:
         l.weight.grad.add_(l.weight * (1 - l.mask), alpha=srste_decay * iter_num / max_iters)
     for l in layers if sparse and iter_num >= it_hard1 else []:  # the frozen pattern (finalize): pruned weights stay 0
         l.weight.grad.mul_(l.mask)
-    for l in layers if ddp and score == 'wanda' else []:  # one x_sq on all ranks, every step: same masks, exact resume
-        dist.all_reduce(l.x_sq, op=dist.ReduceOp.AVG)
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if sparse and iter_num < it_hard1:
+        for l in layers if ddp and score == 'wanda' else []:  # one x_sq on every rank: same masks, exact resume
+            dist.all_reduce(l.x_sq, op=dist.ReduceOp.AVG)
         if score == 'hessian' and iter_num % hess_interval == 0:
             with ctx:
                 sf.hutchinson(layers, lambda: loss_fn(raw_model, X, Y)[0])
