@@ -14,9 +14,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# 'auto': Triton on CUDA, but cuSPARSELt for 2:4 at M > 64 on sm80+ (compute-bound: sparse tensor cores win, its
-# padding stops mattering); CPU: Triton if TRITON_INTERPRET=1 at import (bf16 is wrong there), else the torch twin.
-backend = 'auto'  # 'auto' | 'triton' | 'torch' | 'cusparselt'
+# 'auto': Triton on CUDA; on CPU Triton if TRITON_INTERPRET=1 at import (bf16 is wrong there), else the torch twin
+backend = 'auto'  # 'auto' | 'triton' | 'torch'
 INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
 
 # ----------------------------------------------------------------------------------------------------------- formats
@@ -129,20 +128,10 @@ class PackedLinear(nn.Module):
         for name, t in zip(('vals', 'meta'), FORMATS[pattern][0](linear.weight.detach())):
             self.register_buffer(name, t)
         self.register_buffer('bias', None if linear.bias is None else linear.bias.detach().clone())
-        self._sparse = None  # cuSPARSELt copy of the weight, built on the first large-M call (not saved)
 
     def forward(self, x):
-        path = backend
-        if path == 'auto':  # the rule is at `backend` above; M = x.numel() / C
-            big = self.pattern == '2:4' and x.is_cuda and x.numel() > 64 * self.in_features
-            big = big and torch.cuda.get_device_capability(x.device) >= (8, 0)
-            path = 'cusparselt' if big else 'triton' if x.is_cuda or INTERPRET else 'torch'
-        if path == 'cusparselt':
-            assert self.pattern == '2:4', "cuSPARSELt runs 2:4 only"
-            if self._sparse is None:
-                self._sparse = torch.sparse.to_sparse_semi_structured(unpack24(self.vals, self.meta))
-            return F.linear(x.reshape(-1, self.in_features), self._sparse, self.bias).reshape(*x.shape[:-1], -1)
-        return FORMATS[self.pattern][{'triton': 1, 'torch': 2}[path]](x, self.vals, self.meta, self.bias)
+        use_triton = backend == 'triton' or backend == 'auto' and (x.is_cuda or INTERPRET)
+        return FORMATS[self.pattern][1 if use_triton else 2](x, self.vals, self.meta, self.bias)
 
 def pack_model(model, pattern):
     # swap every nn.Linear inside the decoder blocks; embeddings and lm_head stay dense

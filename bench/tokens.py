@@ -1,17 +1,20 @@
 """
-Val perplexity against retraining tokens for every method train.py runs, at equal token budgets: dense, the one-shot
-baselines (magnitude, Wanda, SparseGPT), AST-style retraining, SparseForge and the paper's ablations (Hutchinson's
-Hessian score, magnitude score, SLoRB on, KD off), and plain KD fine-tuning of the dense model (--method=dense): the
-dense model that saw the same tokens (column "x KD") and the baseline of SparseForge's ms/iter overhead.
+Val perplexity and zero-shot accuracy against retraining tokens for every method train.py runs, at equal token budgets:
+dense, the one-shot baselines (magnitude, Wanda, SparseGPT) and the same followed by KD fine-tuning under their frozen
+mask (prune-then-fine-tune, the bar practitioners use), AST-style retraining, SparseForge with each mask score (the
+new Hessian, Wanda's statistics, magnitude), and KD fine-tuning of the dense model (--method=dense): the dense model that
+saw the same tokens (column "x KD") and the baseline of SparseForge's ms/iter overhead. At the largest budget (at 0
+tokens for the one-shot rows), the --zero_shot methods' checkpoints also get `eval.py --tasks=paper`, the seven tasks.
 A thin driver: each row is one `python train.py ...` run in the current directory (where data/ is), its output kept in
-<out>/<method>_<iters>/log.txt. Prints one table and writes it to <out>/tokens.csv and <out>/tokens.png.
+<out>/<method>_<iters>/log.txt. Prints one table and writes it to <out>/tokens.csv (with the per-task accuracies) and
+<out>/tokens.png.
 
     python prepare.py pydoc --model=smollm2 && python bench/tokens.py   # embedded default, offline, CPU
     python bench/tokens.py --model=gpt2 --dataset=c4 --budgets=250,1000,4000 --batch_size=16 --block_size=1024
 
-The default (SmolLM2-135M, pydoc, 16 and 64 iterations of 4 x 256 tokens, 64 being the README's budget) is 560 training
-iterations plus 18 model loads and evaluations: 75 minutes on the 2-core CPU machine (README has the table). On a GPU
-train.py picks cuda and bf16 itself; --extra passes anything else to every run (e.g. "--gradient_accumulation_steps=8").
+The default (SmolLM2-135M, pydoc, 16 and 64 iterations of 4 x 256 tokens, 64 being the README's budget) takes 4-5 hours
+on the 2-core CPU machine, half of it zero-shot (README has the table). On a GPU train.py picks cuda and bf16 itself;
+--extra passes anything else to every run (e.g. "--gradient_accumulation_steps=8").
 """
 import argparse, csv, os, re, shlex, subprocess, sys, time
 import matplotlib
@@ -25,20 +28,27 @@ METHODS = {  # name -> train.py arguments
     'wanda': ['--method=wanda'],
     'sparsegpt': ['--method=sparsegpt'],
     'ast': [os.path.join(ROOT, 'config', 'ast_smollm2.py')],  # it sets max_iters: it goes first, the overrides after
-    'sparseforge': [],                                        # the default: soft mask, wanda score, KD, no SLoRB
-    'sf-hutchinson': ['--score=hessian'],                     # the paper's score: OBD with Hutchinson's diag(H)
-    'sf-magnitude-score': ['--score=magnitude'],
-    'sf-slorb': ['--slorb_k=16'],
-    'sf-no-kd': ['--w_kl=0.0'],
+    'sparseforge': [],                                        # the default: soft mask, default score, KD, no SLoRB
+    'sf-hessian': ['--score=hessian'],                        # OBD with the per-position Fisher diagonal
+    'sf-wanda': ['--score=wanda'],                            # OBD with the layer-local Hessian (Wanda's statistics)
+    'sf-magnitude': ['--score=magnitude'],
+    'wanda-ft': ['--method=wanda'],                           # prune, then KD fine-tuning under the frozen mask
+    'sparsegpt-ft': ['--method=sparsegpt'],
     'kd-dense': ['--method=dense'],                           # KD fine-tuning without a mask: the overhead baseline
+    'sf-slorb': ['--slorb_k=16'],                             # not in the default set: the paper's other ablations
+    'sf-no-kd': ['--w_kl=0.0'],
 }
 ONCE = ('dense', 'magnitude', 'wanda', 'sparsegpt')  # no retraining: run once, at 0 tokens (calibration not counted)
+DEFAULT = [m for m in METHODS if m not in ('sf-slorb', 'sf-no-kd')]
+ZERO_SHOT = 'dense,magnitude,wanda,sparsegpt,ast,sparseforge,sparsegpt-ft,kd-dense'
 
 p = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0])
 p.add_argument('--model', default='smollm2', help='train.py --init_from: HF name, local dir, .gguf or smollm2')
 p.add_argument('--dataset', default='pydoc', help='data/<dataset>_<model>/ from prepare.py')
 p.add_argument('--budgets', default='16,64', help='comma-separated retraining iterations')
-p.add_argument('--methods', default=','.join(METHODS), help='comma-separated, from: ' + ', '.join(METHODS))
+p.add_argument('--methods', default=','.join(DEFAULT), help='comma-separated, from: ' + ', '.join(METHODS))
+p.add_argument('--zero_shot', default=ZERO_SHOT, help='methods whose largest-budget model gets the seven tasks')
+p.add_argument('--limit', default='', help='eval.py --limit for the zero-shot tasks (default: eval.py\'s)')
 p.add_argument('--batch_size', type=int, default=4)
 p.add_argument('--block_size', type=int, default=256, help='training sequence and evaluation window length')
 p.add_argument('--out', default='out/bench')
@@ -53,11 +63,23 @@ common = [f'--init_from={a.model}', f'--dataset={a.dataset}', f'--batch_size={a.
 # offline unless the caller's environment says otherwise: hub look-ups hang before failing here (README)
 env = {'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', **os.environ}
 
+def zero_shot(ckpt, log):
+    """eval.py --tasks=paper on a checkpoint -> {task: acc, ..., 'mean_acc': the seven-task mean}."""
+    cmd = [sys.executable, os.path.join(ROOT, 'eval.py'), ckpt, '--tasks=paper', f'--export={ckpt}.hf']
+    r = subprocess.run(cmd + [f'--limit={a.limit}'] * bool(a.limit), env=env, capture_output=True, text=True)
+    log.write(r.stdout + r.stderr)
+    if r.returncode:
+        sys.exit(f'zero-shot failed:\n  {shlex.join(cmd)}\n{r.stderr[-3000:]}')
+    accs = {t: float(x) for t, x in re.findall(r': (\w+) acc ([\d.]+) \+-', r.stdout)}
+    return accs | {'mean_acc': float(re.search(r'mean acc over 7 tasks ([\d.]+)', r.stdout)[1])}
+
 def run(name, iters):
     """One train.py run -> a table row; val ppl evaluated once, at the end (eval_interval = iters)."""
     d = os.path.join(a.out, f'{name}_{iters}')
     cmd = [sys.executable, os.path.join(ROOT, 'train.py')] + METHODS[name] + common + [
         f'--max_iters={iters}', f'--eval_interval={max(1, iters)}', f'--out_dir={d}']
+    if os.path.exists(os.path.join(d, 'ckpt.pt')):  # left by an interrupted bench: train.py would refuse to start
+        os.remove(os.path.join(d, 'ckpt.pt'))
     t0 = time.time()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall, log = time.time() - t0, r.stdout + r.stderr
@@ -66,13 +88,17 @@ def run(name, iters):
     ppl = re.search(r'^final .*: val ppl ([\d.]+)$', r.stdout, re.M)
     if r.returncode or not ppl:
         sys.exit(f'{name} at {iters} iterations failed:\n  {shlex.join(cmd)}\n{log[-3000:]}')
-    # the checkpoint holds weights, masks, their statistics and AdamW moments, ~3 GB for SmolLM2; the table needs none
-    os.remove(os.path.join(d, 'ckpt.pt'))
     tokens_per_iter = int(re.search(r'tokens per iteration: ([\d,]+)', r.stdout)[1].replace(',', ''))
     ms = [float(m) for m in re.findall(r'^iter [1-9]\d*: loss .*?, (\d+)ms', r.stdout, re.M)]  # iter 0 warms up
     row = dict(method=name, iters=iters, tokens=iters * tokens_per_iter, val_ppl=float(ppl[1]), wall_s=round(wall, 1),
                ms_iter=round(sum(ms) / len(ms), 1) if ms else None)
-    print(f'{name} {iters} iters: val ppl {row["val_ppl"]:.2f}, {wall:.0f}s', flush=True)
+    if name in a.zero_shot.split(',') and iters == (0 if name in ONCE else max(budgets)):
+        with open(os.path.join(d, 'zero_shot.txt'), 'w') as log:
+            row |= zero_shot(os.path.join(d, 'ckpt.pt'), log)
+    # the checkpoint holds weights, masks, their statistics and AdamW moments, ~3 GB for SmolLM2; the table needs none
+    os.remove(os.path.join(d, 'ckpt.pt'))
+    print(f'{name} {iters} iters: val ppl {row["val_ppl"]:.2f}' + (f', zero-shot mean acc {row["mean_acc"]:.4f}'
+          if 'mean_acc' in row else '') + f', {wall:.0f}s', flush=True)
     return row
 
 rows = [run(m, 0) for m in methods if m in ONCE] + [run(m, b) for b in budgets for m in methods if m not in ONCE]
@@ -81,12 +107,14 @@ for r in rows:  # against the starting dense model, and against dense KD fine-tu
     r['ratio'] = round(r['val_ppl'] / rows[0]['val_ppl'], 3)
     r['vs_kd'] = round(r['val_ppl'] / at[('kd-dense', r['iters'])]['val_ppl'], 3) if ('kd-dense', r['iters']) in at else None
 
-cols = ['method', 'iters', 'tokens', 'val_ppl', 'ratio', 'vs_kd', 'wall_s', 'ms_iter']
-fmt = '{:<20}{:>7}{:>11}{:>12}{:>9}{:>9}{:>9}{:>9}'
-print('\n' + fmt.format('method', 'iters', 'tokens', 'val ppl', 'x dense', 'x KD', 'wall s', 'ms/iter'))
+cols = ['method', 'iters', 'tokens', 'val_ppl', 'ratio', 'vs_kd', 'mean_acc', 'wall_s', 'ms_iter']
+cols += sorted({k for r in rows for k in r} - set(cols))  # the zero-shot accuracy of each task
+fmt = '{:<16}{:>6}{:>9}{:>11}{:>9}{:>7}{:>10}{:>8}{:>9}'
+print('\n' + fmt.format('method', 'iters', 'tokens', 'val ppl', 'x dense', 'x KD', 'zero-shot', 'wall s', 'ms/iter'))
 for r in rows:
     print(fmt.format(r['method'], r['iters'], f'{r["tokens"]:,}', f'{r["val_ppl"]:,.2f}', f'{r["ratio"]:.2f}',
-                     '-' if r['vs_kd'] is None else f'{r["vs_kd"]:.2f}', f'{r["wall_s"]:.0f}',
+                     '-' if r['vs_kd'] is None else f'{r["vs_kd"]:.2f}',
+                     f'{r["mean_acc"] * 100:.2f}' if 'mean_acc' in r else '', f'{r["wall_s"]:.0f}',
                      '-' if r['ms_iter'] is None else f'{r["ms_iter"]:.0f}'))
 for b in budgets:  # the cost of the mask (scores, updates, projection) over the same KD step
     sf, kd = at.get(('sparseforge', b)), at.get(('kd-dense', b))

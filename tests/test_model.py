@@ -49,5 +49,5 @@ def test_smollm2_parity():
         assert torch.equal(model.generate(idx, 8), hf.generate(idx, max_new_tokens=8, do_sample=False))
 
 def test_unknown_model_offline():
-    with pytest.raises(OSError, match='not-a-model'):
+    with pytest.raises(SystemExit, match="cannot load model 'sparseforge/not-a-model'"):
         GPT.from_pretrained('sparseforge/not-a-model')

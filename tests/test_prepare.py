@@ -10,7 +10,7 @@ import importlib.util
 import numpy as np
 import pytest
 import prepare
-from conftest import smollm2, ROOT
+from conftest import smollm2, ROOT, run, one_line_error
 
 @pytest.fixture
 def tiktoken_cache(tmp_path, monkeypatch):
@@ -81,3 +81,12 @@ def test_unknown_dataset(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="unknown dataset 'nosuch.txt'"):
         prepare.prepare('nosuch.txt', 'gpt2')
+
+def test_bad_input_is_one_clear_line(tmp_path, tiktoken_cache):
+    (tmp_path / 'empty.txt').write_text('')
+    one_line_error(run('prepare.py', 'empty.txt', '--model=gpt2', cwd=tmp_path),
+                   'empty.txt: too little text, no tokens left for train and val; give it more')
+    (tmp_path / 'hello.txt').write_text('Hello world\n')  # offline, no cached BPE files: tiktoken would download them
+    one_line_error(run('prepare.py', 'hello.txt', '--model=gpt2', cwd=tmp_path, env={'TIKTOKEN_CACHE_DIR': str(tmp_path)}),
+                   "tiktoken can't download GPT-2's BPE files (offline?): set TIKTOKEN_CACHE_DIR")
+    assert not (tmp_path / 'data').exists()
