@@ -16,7 +16,7 @@ The default (SmolLM2-135M, pydoc, 16 and 64 iterations of 4 x 256 tokens, 64 bei
 on the 2-core CPU machine, half of it zero-shot (README has the table). On a GPU train.py picks cuda and bf16 itself;
 --extra passes anything else to every run (e.g. "--gradient_accumulation_steps=8").
 """
-import argparse, csv, os, re, shlex, subprocess, sys, time
+import argparse, csv, os, re, shlex, shutil, subprocess, sys, time
 import matplotlib
 matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt
@@ -28,8 +28,7 @@ METHODS = {  # name -> train.py arguments
     'wanda': ['--method=wanda'],
     'sparsegpt': ['--method=sparsegpt'],
     'ast': [os.path.join(ROOT, 'config', 'ast_smollm2.py')],  # it sets max_iters: it goes first, the overrides after
-    'sparseforge': [],                                        # the default: soft mask, default score, KD, no SLoRB
-    'sf-hessian': ['--score=hessian'],                        # OBD with the per-position Fisher diagonal
+    'sparseforge': [],                                        # the default: soft mask, hessian score, KD, no SLoRB
     'sf-wanda': ['--score=wanda'],                            # OBD with the layer-local Hessian (Wanda's statistics)
     'sf-magnitude': ['--score=magnitude'],
     'wanda-ft': ['--method=wanda'],                           # prune, then KD fine-tuning under the frozen mask
@@ -95,6 +94,7 @@ def run(name, iters):
     if name in a.zero_shot.split(',') and iters == (0 if name in ONCE else max(budgets)):
         with open(os.path.join(d, 'zero_shot.txt'), 'w') as log:
             row |= zero_shot(os.path.join(d, 'ckpt.pt'), log)
+        shutil.rmtree(os.path.join(d, 'ckpt.pt.hf'))
     # the checkpoint holds weights, masks, their statistics and AdamW moments, ~3 GB for SmolLM2; the table needs none
     os.remove(os.path.join(d, 'ckpt.pt'))
     print(f'{name} {iters} iters: val ppl {row["val_ppl"]:.2f}' + (f', zero-shot mean acc {row["mean_acc"]:.4f}'
