@@ -71,19 +71,17 @@ def zero_shot(hf_dir, tm, specs, limit=None):
     import lm_eval
     res = lm_eval.simple_evaluate(model='hf', model_args=f'pretrained={hf_dir},dtype=float32', tasks=specs, limit=limit,
                                   device='cuda' if torch.cuda.is_available() else 'cpu', batch_size=8, task_manager=tm)
-    keys = 'acc', 'acc_stderr', 'acc_norm', 'acc_norm_stderr'
-    return {t: (res['n-samples'][t]['effective'], *(r.get(f'{k},none') for k in keys)) for t, r in res['results'].items()}
+    keys = [f'{k},none' for k in ('acc', 'acc_stderr', 'acc_norm', 'acc_norm_stderr')]
+    return {t: (res['n-samples'][t]['effective'], *map(r.get, keys)) for t, r in res['results'].items()}
 
 def read_checkpoint(path, fix, **kw):
-    """A train.py checkpoint, loaded weights_only (tensors, numbers, strings, dicts: no code runs), or a one-line exit."""
+    """A train.py checkpoint, loaded weights_only (tensors, numbers, strings, dicts: no code runs), or an exit."""
     if not zipfile.is_zipfile(path):  # torch.save writes a zip: missing, empty, truncated or garbage files fail here
-        sys.exit(f'{path}: no such file; {fix}' if not os.path.exists(path) else
-                 f'{path}: not a checkpoint (truncated or corrupt?); {fix}')
+        sys.exit(f'{path}: no checkpoint there (missing, truncated or corrupt?); {fix}')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True, **kw)
     except pickle.UnpicklingError as e:
-        sys.exit(f'{path}: refused, it holds more than tensors, numbers and strings: '
-                 + str(e).split('WeightsUnpickler error: ')[-1].split(' was not')[0])
+        sys.exit(f'{path}: refused, holds more than tensors, numbers: {str(e).split("error: ")[-1].split(" was")[0]}')
     if not isinstance(ckpt, dict) or 'model_args' not in ckpt:
         sys.exit(f'{path}: a torch file, but not a train.py checkpoint; {fix}')
     return ckpt
@@ -95,7 +93,7 @@ def load(path):
     ckpt = read_checkpoint(path, 'a train.py checkpoint is out_dir/ckpt.pt')
     model, cfg = GPT(GPTConfig(**ckpt['model_args'])), ckpt['config']
     if cfg['method'] != 'dense':
-        sf.sparsify(model, cfg['pattern'], cfg['slorb_k'], cfg['score'])
+        sf.sparsify(model, cfg['pattern'], cfg['score'])
     model.load_state_dict(ckpt['model'])
     return model.eval(), cfg
 
@@ -117,20 +115,18 @@ if __name__ == '__main__':
         tm = TaskManager()
         specs = [task(t, tm) for t in (PAPER if a.tasks == 'paper' else a.tasks).split(',')]
     model, cfg = load(a.model)
-    src = cfg['init_from'] if cfg else a.model  # a checkpoint's tokenizer is that of the model it started from
     if pattern := a.pattern or (cfg and cfg['method'] != 'dense' and cfg['pattern']):
         bad = check_pattern(model, pattern)
         print(f'{a.model}: pattern {pattern}: {sum(bad.values())} violating groups in {len(bad)} layers'
               + ''.join(f'\n  {k}: {v}' for k, v in bad.items() if v))
-    T = a.block_size or model.config.block_size
     if a.data:
-        dtype = json.load(open(meta))['dtype']
-        print(f'{a.model}: {a.data} ppl {perplexity(model, np.memmap(a.data, dtype=dtype, mode="r"), T):.3f}')
+        tokens = np.memmap(a.data, dtype=json.load(open(meta))['dtype'], mode='r')
+        print(f'{a.model}: {a.data} ppl {perplexity(model, tokens, a.block_size or model.config.block_size):.3f}')
     if a.export or a.tasks:
         out = a.export or 'out/hf_export'
         sf.merge(model)
         from transformers import AutoTokenizer
-        d, f = locate(src)
+        d, f = locate(cfg['init_from'] if cfg else a.model)  # a checkpoint: the tokenizer of the model it started from
         model.export(out, AutoTokenizer.from_pretrained(d, gguf_file=f))
         print(f'{a.model}: exported to {out}')
         res = zero_shot(out, tm, specs, a.limit or None) if a.tasks else {}
@@ -138,6 +134,5 @@ if __name__ == '__main__':
             also = f' acc_norm {norm:.4f} +- {se_norm:.4f}' if norm is not None else ''
             print(f'{a.model}: {t} acc {acc:.4f} +- {se:.4f}{also} ({n} docs)')
         if len(res) > 1:  # the paper's average (SPEC 10): the plain mean of acc over the tasks; its stderr from theirs
-            accs, ses = zip(*[(r[1], r[2]) for r in res.values()])
-            mean, se = sum(accs) / len(accs), math.hypot(*ses) / len(ses)
-            print(f'{a.model}: mean acc over {len(res)} tasks {mean:.4f} +- {se:.4f}')
+            accs, ses = zip(*[r[1:3] for r in res.values()])
+            print(f'{a.model}: mean acc over {len(res)} tasks {np.mean(accs):.4f} +- {math.hypot(*ses) / len(ses):.4f}')

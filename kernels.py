@@ -1,11 +1,10 @@
 """Packed sparse Linear for inference: y = x @ W.T reading only the compressed weight W [D, C] (out, in).
 
     model = kernels.pack_model(model, '2:4')  # or 'block16'; decoder Linears must already hold exact zeros
-    kernels.backend = 'torch'                 # force the PyTorch twins, e.g. to check the kernels
 
 2:4      vals [D, C/2] + meta [D, ceil(C/8)] uint8: per group of 4 along C a 4-bit code i0 | i1 << 2
          (kept positions, i0 < i1), two groups a byte. fp16: 9/16 of the dense bytes.
-block16  tiles [D/16, K, 16, 16] + cols [D/16, K] int32: tiles[b, t] = W[16b:16b+16, 16*cols[b, t]:+16];
+block16  tiles [D/16, K, 16, 16] + cols [D/16, K] int32: tiles[b, t] = W[16b:16b+16, 16*cols[b, t]:+16].T (in, out);
          K = most nonzero tiles in any 16-row band, the other bands are padded with zero tiles."""
 import os
 import torch
@@ -14,8 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# 'auto': Triton on CUDA; on CPU Triton if TRITON_INTERPRET=1 at import (bf16 is wrong there), else the torch twin
-backend = 'auto'  # 'auto' | 'triton' | 'torch'
+# Triton on CUDA; on CPU Triton if TRITON_INTERPRET=1 at import (bf16 is wrong there), else the torch twin
 INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
 
 # ----------------------------------------------------------------------------------------------------------- formats
@@ -43,7 +41,7 @@ def pack_block16(w):
     D, C = w.shape
     if D % 16 or C % 16:
         raise ValueError(f"block16 needs both dims % 16 == 0, got [{D}, {C}]")
-    t = w.reshape(D // 16, 16, C // 16, 16).transpose(1, 2)       # [D/16, C/16, 16, 16] (band, tile col)
+    t = w.reshape(D // 16, 16, C // 16, 16).permute(0, 2, 3, 1)   # [D/16, C/16, 16, 16] (band, tile col, in, out)
     nz = t.flatten(2).ne(0).any(-1)                               # [D/16, C/16]
     cols = _keep(nz, int(nz.sum(1).max()))                        # [D/16, K]
     return t[torch.arange(D // 16, device=w.device)[:, None], cols].contiguous(), cols.int()
@@ -52,7 +50,7 @@ def unpack_block16(tiles, cols, C):
     B = cols.shape[0]
     t = tiles.new_zeros(B, C // 16, 16, 16)
     t[torch.arange(B, device=tiles.device)[:, None], cols.long()] = tiles
-    return t.transpose(1, 2).reshape(B * 16, C)
+    return t.permute(0, 3, 1, 2).reshape(B * 16, C)
 
 # PyTorch twins: the spec each kernel must match
 def matmul24_ref(x, vals, meta, bias=None):
@@ -60,9 +58,9 @@ def matmul24_ref(x, vals, meta, bias=None):
 def matmul_block16_ref(x, tiles, cols, bias=None):
     return F.linear(x, unpack_block16(tiles, cols, x.shape[-1]), bias)
 
-# ---------------------------------------------------- Triton kernels: one program computes y[BM rows, BN cols] in fp32
+# ------------------------------------------------ the 2:4 Triton kernel: a program computes y[BM rows, BN cols] in fp32
 @triton.jit
-def _matmul24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, M, D, C, CM, HAS_BIAS: tl.constexpr,
+def _matmul24_kernel(x_ptr, v_ptr, m_ptr, y_ptr, M, D, C, CM,
                      PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -77,45 +75,26 @@ def _matmul24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, M, D, C, CM, HAS_BIAS: t
         p = tl.arange(0, 4)                                       # slot in the group; i0 != i1, so the sum is exact
         w = tl.where((code & 3) == p, v0[:, :, None], 0.) + tl.where((code >> 2) == p, v1[:, :, None], 0.)
         acc += tl.dot(x, tl.trans(tl.reshape(w, (BN, BK))), input_precision=PREC)   # w: dense [BN, BK] tile
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < D, other=0.).to(tl.float32)
     tl.store(y_ptr + rm[:, None] * D + rn, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn < D))
 
-@triton.jit
-def _block16_kernel(x_ptr, t_ptr, c_ptr, b_ptr, y_ptr, M, D, C, K, HAS_BIAS: tl.constexpr,
-                    PREC: tl.constexpr, BM: tl.constexpr, TK: tl.constexpr):
-    # one program: BM rows of x times one 16-row band, walking its K kept tiles TK at a time
-    rm, band = tl.program_id(0) * BM + tl.arange(0, BM), tl.program_id(1)
-    rn, rj = tl.arange(0, 16), tl.arange(0, TK * 16)              # rj: column within TK tiles side by side
-    acc = tl.zeros((BM, 16), tl.float32)
-    for k0 in range(0, K, TK):
-        t = k0 + rj // 16                                         # [TK*16] tile slot of each column
-        col = tl.load(c_ptr + band * K + t, mask=t < K, other=0) * 16 + rj % 16   # x column to gather
-        x = tl.load(x_ptr + rm[:, None] * C + col, mask=(rm[:, None] < M) & (t < K), other=0.)
-        w = tl.load(t_ptr + ((band * K + t) * 16 + rn[:, None]) * 16 + rj % 16, mask=t < K, other=0.)
-        acc += tl.dot(x, tl.trans(w), input_precision=PREC)      # [BM, TK*16] @ [TK*16, 16]
-    rn += band * 16
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn).to(tl.float32)
-    tl.store(y_ptr + rm[:, None] * D + rn, acc.to(y_ptr.dtype.element_ty), mask=rm[:, None] < M)
-
-# x [..., C] -> y [..., D]. Decode (M <= 16) is memory-bound: thin programs (D/16 of them, to fill the SMs), long K
-# steps (BM = 16 is tl.dot's minimum); block sizes are an untuned guess. fp32 is exact ('ieee'), not tf32.
-def _launch(kernel, x, w, idx, bias, D, n, *blocks):
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    M, C = x2.shape
-    y = torch.empty(M, D, dtype=x.dtype, device=x.device)
-    kernel[(triton.cdiv(M, blocks[0]), n)](x2, w, idx, x2 if bias is None else bias, y, M, D, C, idx.shape[1],
-                                           bias is not None, 'ieee' if x.dtype == torch.float32 else 'tf32', *blocks)
-    return y.reshape(*x.shape[:-1], D)
-
+# x [..., C] -> y [..., D]. Decode (M <= 16) is memory-bound: thin programs (BN = 16 rows of W, to fill the SMs), long
+# K steps (BM = 16 is tl.dot's minimum); block sizes are an untuned guess. fp32 is exact ('ieee'), not tf32.
 def matmul24(x, vals, meta, bias=None):
-    BM, BN, BK = (16, 16, 256) if x.numel() <= 16 * x.shape[-1] else (64, 64, 64)
-    return _launch(_matmul24_kernel, x, vals, meta, bias, len(vals), triton.cdiv(len(vals), BN), BM, BN, BK)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    (M, C), D = x2.shape, len(vals)
+    BM, BN, BK = (16, 16, 256) if M <= 16 else (64, 64, 64)
+    y = torch.empty(M, D, dtype=x.dtype, device=x.device)
+    prec = 'ieee' if x.dtype == torch.float32 else 'tf32'
+    _matmul24_kernel[triton.cdiv(M, BM), triton.cdiv(D, BN)](x2, vals, meta, y, M, D, C, len(meta[0]), prec, BM, BN, BK)
+    return (y if bias is None else y + bias).reshape(*x.shape[:-1], D)  # the bias: one add, outside the kernel
 
 def matmul_block16(x, tiles, cols, bias=None):
-    BM, TK = (16, 8) if x.numel() <= 16 * x.shape[-1] else (64, 4)
-    return _launch(_block16_kernel, x, tiles, cols, bias, 16 * len(cols), len(cols), BM, TK)
+    """Decode: a batched matmul over each band's kept (dense) tiles reads only them; prefill (M > 16): the twin."""
+    if x.numel() > 16 * x.shape[-1]:
+        return matmul_block16_ref(x, tiles, cols, bias)
+    xt = x.reshape(-1, x.shape[-1] // 16, 16)[:, cols.long()].flatten(2)  # [M, D/16, K*16]: x under each kept tile
+    y = torch.bmm(xt.transpose(0, 1), tiles.flatten(1, 2)).transpose(0, 1).reshape(*x.shape[:-1], -1)
+    return y if bias is None else y + bias
 
 # ------------------------------------------------------------------------------------------------------- module swap
 FORMATS = {'2:4': (pack24, matmul24, matmul24_ref), 'block16': (pack_block16, matmul_block16, matmul_block16_ref)}
@@ -130,8 +109,7 @@ class PackedLinear(nn.Module):
         self.register_buffer('bias', None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x):
-        use_triton = backend == 'triton' or backend == 'auto' and (x.is_cuda or INTERPRET)
-        return FORMATS[self.pattern][1 if use_triton else 2](x, self.vals, self.meta, self.bias)
+        return FORMATS[self.pattern][1 if x.is_cuda or INTERPRET else 2](x, self.vals, self.meta, self.bias)
 
 def pack_model(model, pattern):
     # swap every nn.Linear inside the decoder blocks; embeddings and lm_head stay dense

@@ -1,31 +1,24 @@
-"""SparseForge's soft mask (paper sections 4.2-4.3, SPEC sections 2-9) as a module swap: sparsify() puts a SparseLinear
-in place of every decoder nn.Linear; train.py sets `estimate` on them every hess_interval steps (that backward updates
-the Fisher diagonal), calls update() (Eq. 3-5) every mask_interval steps and finalize() at hard_end; one_shot() runs
-the magnitude / Wanda / SparseGPT baselines.
-Patterns: 'N:M' (groups of M along the input dim), 'block16' (16x16 tiles, half kept in every 16-row band),
-'unstructured' (50% per layer). All mask state is fp32 registered buffers; under FSDP mask and proj are
-frozen Parameters (train.py), sharded by rows with their weight: update() and finalize() work on each rank's rows."""
+"""SparseForge's soft mask (paper 4.2-4.3, SPEC 2-9) as a module swap: sparsify() puts a SparseLinear in place of every
+decoder nn.Linear; train.py calls update() (Eq. 3-5) every mask_interval steps and finalize() at hard_end; one_shot()
+runs the magnitude / Wanda / SparseGPT baselines. Mask state is fp32 buffers; under FSDP mask and proj are frozen
+Parameters (train.py), sharded by rows with their weight: update() and finalize() work on each rank's rows."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 
 def groups(t, pattern):
-    """View a (D, C) tensor as competition groups (G, M) with N winners per row: N:M -> consecutive entries
-    along C; block16 -> one row per 16-row band, one entry per 16x16 tile (summed); unstructured -> one row."""
+    """View a (D, C) tensor as competition groups (G, M) with N winners per row: 'N:M' -> M consecutive entries
+    along C; 'block16' -> a row per 16-row band, an entry per 16x16 tile (summed), half of them kept."""
     D, C = t.shape
     if pattern == 'block16':
         return t.view(D // 16, 16, C // 16, 16).sum((1, 3)), C // 32
-    if pattern == 'unstructured':
-        return t.reshape(1, -1), D * C // 2
     n, m = map(int, pattern.split(':'))
     return t.reshape(-1, m), n
 
 def ungroup(g, shape, pattern):
     """Inverse of groups() for a per-entry (G, M) result: tiles are broadcast back to their 16x16 entries."""
-    if pattern == 'block16':
-        return g.repeat_interleave(16, 0).repeat_interleave(16, 1)
-    return g.reshape(shape)
+    return g.repeat_interleave(16, 0).repeat_interleave(16, 1) if pattern == 'block16' else g.reshape(shape)
 
 def topn(g, n):
     """Hard top-n per row; ties go to the lower index (a stable sort), so the count is always exact."""
@@ -37,31 +30,28 @@ def project(t, pattern):
     return ungroup(topn(*groups(t, pattern))[0], t.shape, pattern)
 
 class MaskedLinear(torch.autograd.Function):
-    """y = x (W m)^T + b, m = lerp(proj, mask, q) (the quench mix, SPEC 6). Straight-through (SPEC 3): dL/dW =
-    dL/d(W m), unmasked. It saves x and the layer's own tensors and recomputes W m in the backward, so no (D, C)
-    product stays alive between the passes. Given hess, the backward also adds the per-position Fisher diagonal
-    sum_t delta_t^2 x_t^2 (delta = dL/dy) to its EMA: one matmul the size of dL/dW, no extra pass (README: Hessian)."""
+    """y = x (W m)^T + b, m = lerp(proj, mask, q) (the quench mix, SPEC 6), with the straight-through dL/dW = dL/d(W m)
+    (SPEC 3). It saves x and the layer's own tensors and recomputes W m in the backward: no (D, C) product stays alive.
+    Given hess, the backward also adds the per-position Fisher diagonal sum_t delta_t^2 x_t^2 (delta = dL/dy) to its
+    EMA: one matmul the size of dL/dW, no extra pass (README, "The Hessian")."""
     @staticmethod
-    @torch.amp.custom_fwd(device_type='cuda')
-    def forward(ctx, x, w, mask, proj, q, b, hess):
+    def forward(ctx, x, w, mask, proj, q, b, hess):  # under autocast F.linear casts; the backward casts explicitly
         y = F.linear(x, w * proj.lerp(mask, q).to(w.dtype), b)
         ctx.save_for_backward(x.to(y.dtype), w, mask, proj, q, hess)  # autocast: x in y's dtype, as F.linear keeps it
-        ctx.bias = b is not None
         return y
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type='cuda')
     def backward(ctx, g):
         x, w, mask, proj, q, hess = ctx.saved_tensors
         g2, x2 = g.flatten(0, -2), x.flatten(0, -2)  # (tokens, D), (tokens, C)
         if hess is not None:
             hess.lerp_(g2.float().square().T @ x2.float().square(), 0.02)
         dx = g @ (w * proj.lerp(mask, q).to(w.dtype)).to(g.dtype)
-        return dx, g2.T @ x2, None, None, None, g2.sum(0) if ctx.bias else None, None
+        return dx, g2.T @ x2, None, None, None, g2.sum(0) if ctx.needs_input_grad[5] else None, None
 
 class SparseLinear(nn.Module):
-    """y = x (W * m_eff)^T + b (+ SLoRB), W's gradient straight-through (train.py masks it once finalize() froze m)."""
-    def __init__(self, linear, pattern, slorb_k=0, score='hessian'):
+    """y = x (W * m_eff)^T + b, W's gradient straight-through (train.py masks it once finalize() froze m)."""
+    def __init__(self, linear, pattern, score='hessian'):
         super().__init__()
         D, C = linear.weight.shape
         self.weight, self.bias, self.pattern, self.estimate = linear.weight, linear.bias, pattern, False
@@ -71,13 +61,10 @@ class SparseLinear(nn.Module):
         self.register_buffer('hess', new(D, C) if score == 'hessian' else None)  # EMA of the Fisher diagonal
         self.register_buffer('x_sq', new(C))  # EMA of x_j^2 (the wanda score; logged for every score)
         self.register_buffer('x', new(()))  # quench mix: m_eff = x m + (1 - x) Proj(m)
-        # SLoRB: y += (x summed over groups of k inputs) B^T, a dense rank-C/k bypass
-        self.slorb = nn.Parameter(new(D, C // slorb_k)) if slorb_k else None
         self.reset()
 
-    @torch.no_grad()
-    def reset(self):  # the start: m = Proj(m) = 1 and B = 0 (the student is the dense teacher), no statistics yet
-        for t, v in ((self.mask, 1), (self.proj, 1), (self.hess, 0), (self.x_sq, 0), (self.x, 1), (self.slorb, 0)):
+    def reset(self):  # the start: m = Proj(m) = 1 (the student is the dense teacher), no statistics yet
+        for t, v in ((self.mask, 1), (self.proj, 1), (self.hess, 0), (self.x_sq, 0), (self.x, 1)):
             if t is not None:
                 t.fill_(v)
 
@@ -85,22 +72,20 @@ class SparseLinear(nn.Module):
         if self.training:  # running mean of x_j^2 for the wanda score
             self.x_sq.lerp_(x.detach().float().pow(2).flatten(0, -2).mean(0), 0.02)
         hess = self.hess if self.estimate else None  # set by train.py: this step's backward updates the Fisher EMA
-        y = MaskedLinear.apply(x, self.weight, self.mask, self.proj, self.x, self.bias, hess)
-        if self.slorb is not None:
-            y = y + x.unflatten(-1, (self.slorb.size(1), -1)).sum(-1) @ self.slorb.t().to(x.dtype)
-        return y
+        return MaskedLinear.apply(x, self.weight, self.mask, self.proj, self.x, self.bias, hess)
 
-def sparsify(model, pattern, slorb_k=0, score='hessian'):
+def sparsify(model, pattern, score='hessian'):
     """Swap every nn.Linear inside the decoder blocks for a SparseLinear; returns the list of them."""
     layers = []
     for name, mod in list(model.transformer.h.named_modules()):
         for cname, child in list(mod.named_children()):
             if isinstance(child, nn.Linear):
-                (D, C), m = child.weight.shape, 16 if pattern == 'block16' else int(pattern.split(':')[-1]) if ':' in pattern else 1
-                if C % m or (pattern == 'block16' and D % 16) or (slorb_k and C % slorb_k):
-                    raise ValueError(f'transformer.h.{name}.{cname}: weight {D}x{C} does not fit pattern {pattern}'
-                                     f'{f" with SLoRB k={slorb_k}" if slorb_k else ""}; pick another pattern')
-                layers.append(SparseLinear(child, pattern, slorb_k, score))
+                D, C = child.weight.shape
+                rows, cols = (16, 16) if pattern == 'block16' else (1, int(pattern.split(':')[1]))  # one group's span
+                if D % rows or C % cols:
+                    raise ValueError(f'transformer.h.{name}.{cname}: weight {D}x{C} does not fit pattern {pattern}; '
+                                     'pick another pattern')
+                layers.append(SparseLinear(child, pattern, score))
                 setattr(mod, cname, layers[-1])
     return layers
 
@@ -111,9 +96,8 @@ def local(t):  # a DTensor (FSDP) -> this rank's rows; other tensors as they are
     return t.to_local() if hasattr(t, 'to_local') else t
 
 def score(l, kind):
-    """|W| sqrt(h), the square root of OBD's saliency h W^2 / 2, with the curvature h = 1 (magnitude), E[x_j^2] (wanda:
-    the layer-local Hessian diagonal) or the per-position Fisher diagonal over its row mean (hessian): a row's scale
-    cancels inside its groups, and across rows it would let a few high-curvature rows set the layer's z-scale."""
+    """|W| sqrt(h), sqrt of OBD's saliency h W^2 / 2: h = 1 (magnitude), E[x_j^2] (wanda, the layer-local Hessian) or
+    the Fisher diagonal over its row mean (hessian: a row's scale cancels in its groups but skews the layer's z)."""
     W = local(l.weight).detach().float().abs()
     if kind == 'hessian':
         return W * (l.hess / (l.hess.mean(1, keepdim=True) + 1e-30)).sqrt()
@@ -123,9 +107,7 @@ def score(l, kind):
 def update(layers, kind, T, beta, lam, alpha=0.1, diag=False):
     """One soft-mask step for every layer (Algorithm 1, lines 8-12); returns statistics for the log, with diag also
     whether the score carries a signal of its own: the share of its kept entries that magnitude's and wanda's keep."""
-    stats = dict(mid=0.0, dist=0.0, flips=0.0)
-    if diag:
-        stats |= dict(mag=0.0, wanda=0.0) | (dict(hsnr=0.0) if kind == 'hessian' else {})
+    stats = dict(mid=0.0, dist=0.0, flips=0.0) | (dict(mag=0.0, wanda=0.0) if diag else {})
     n = sum(local(l.mask).numel() for l in layers)  # under FSDP the statistics are this rank's rows
     for l in layers:
         g, N = groups(score(l, kind), l.pattern)
@@ -147,16 +129,8 @@ def update(layers, kind, T, beta, lam, alpha=0.1, diag=False):
             stats[k] += v.sum().item() / n
         for k, ref in (('mag', 'magnitude'), ('wanda', 'wanda')) if diag else ():
             stats[k] += (project(score(l, ref), l.pattern) * hard).sum().item() / hard.sum().item() / len(layers)
-        if 'hsnr' in stats:  # the curvature's mean / std over the layer
-            stats['hsnr'] += (l.hess.mean() / l.hess.std()).item() / len(layers)
         old.copy_(proj)
     return stats
-
-@torch.no_grad()
-def set_mask(layers, masks):  # binary masks: one-shot baselines
-    for l, m in zip(layers, masks):
-        l.mask.copy_(m)
-        l.proj.copy_(m)
 
 @torch.no_grad()
 def finalize(layers, optimizer=None):
@@ -179,9 +153,7 @@ def sparsegpt(W, H, n, m, blocksize=128):
     """SparseGPT (Frantar & Alistarh 2023) for N:M: column-wise OBS with lazy batch updates. W (D, C),
     H = 2 X^T X / tokens (C, C). The pattern is picked on the already-updated weights; returns (W', mask)."""
     W, C = W.clone().float(), W.size(1)
-    dead = H.diagonal() == 0
-    H[dead, dead], W[:, dead] = 1, 0
-    H += 0.01 * H.diagonal().mean() * torch.eye(C, device=W.device)  # dampening
+    H += 0.01 * H.diagonal().mean() * torch.eye(C, device=W.device)  # dampening: positive definite, dead inputs too
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     keep = torch.ones_like(W)
     for i1 in range(0, C, blocksize):
@@ -201,9 +173,8 @@ def sparsegpt(W, H, n, m, blocksize=128):
 
 @torch.no_grad()
 def one_shot(model, layers, method, calib):
-    """Prune every SparseLinear once: 'magnitude' (|W|), 'wanda' (|W| ||x_j||) or 'sparsegpt'; calib (B, T)."""
-    if method == 'magnitude':  # no calibration
-        return set_mask(layers, [project(score(l, 'magnitude'), l.pattern) for l in layers])
+    """Prune every SparseLinear once, mask = proj = the binary pattern: 'magnitude' (|W|), 'wanda' (|W| ||x_j||) or
+    'sparsegpt' (which also re-fits W); calib (B, T) token ids."""
     x, rope = model.embed(calib)
     for block in model.transformer.h:
         xtx = {l: 0 for l in block.modules() if isinstance(l, SparseLinear)}  # running X^T X of each input
@@ -216,28 +187,24 @@ def one_shot(model, layers, method, calib):
             h.remove()
         for l in xtx:
             H = (2 * xtx[l] / calib.numel()).float()
-            if method == 'wanda':
-                l.x_sq.copy_(H.diagonal() / 2)
-                set_mask([l], [project(score(l, 'wanda'), l.pattern)])
-            else:  # sparsegpt, N:M patterns only (train.py checks)
+            l.x_sq.copy_(H.diagonal() / 2)  # E[x_j^2]: the wanda score's
+            if method == 'sparsegpt':  # N:M patterns only (train.py checks); it also re-fits the kept weights
                 w, keep = sparsegpt(l.weight, H, *map(int, l.pattern.split(':')))
                 l.weight.copy_(w)
-                set_mask([l], [keep])
+            else:
+                keep = project(score(l, method), l.pattern)
+            l.mask.copy_(keep)
+            l.proj.copy_(keep)
         x = block(x, rope, None, 0)  # the next block sees this block's pruned output
 
 @torch.no_grad()
 def merge(model):
-    """Swap every SparseLinear back to an nn.Linear holding W * m_eff (pruned entries exact +0.0): the form
-    that eval.py checks and exports. SLoRB folds in as B P (P sums groups of k inputs), which makes the
-    weight dense: such a model is 2:4 plus a dense rank-C/k branch, and this says so."""
+    """Swap every SparseLinear back to an nn.Linear holding W * m_eff (pruned entries +0.0), as eval.py exports it."""
     for mod in list(model.modules()):
         for name, l in list(mod.named_children()):
             if isinstance(l, SparseLinear):
                 m = l.proj.lerp(l.mask, l.x)
-                w = (l.weight * m).masked_fill(m == 0, 0.0)
-                if l.slorb is not None:
-                    print(f'{name}: SLoRB folded into the weight: 2:4 plus a dense rank-{l.slorb.size(1)} branch, not 2:4')
-                    w = w + l.slorb.repeat_interleave(l.weight.size(1) // l.slorb.size(1), dim=1)
+                w = (l.weight * m).masked_fill(m == 0, 0.0).to(l.weight.dtype)
                 lin = nn.Linear(w.size(1), w.size(0), bias=False, device='meta')
-                lin.weight, lin.bias = nn.Parameter(w.to(l.weight.dtype)), l.bias
+                lin.weight, lin.bias = nn.Parameter(w), l.bias
                 setattr(mod, name, lin)

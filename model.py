@@ -98,8 +98,8 @@ class GPT(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
 
     def forward(self, idx, targets=None, cache=None, pos=0):
-        """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy or None).
-        cache: per layer [k, v], each (B, nkv, T_max, hd), as generate() makes; pos: where idx starts."""
+        """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy or None). Decoding with a KV cache
+        (tests/conftest.py: generate) passes cache, per layer [k, v] of (B, nkv, T_max, hd), and pos, idx's start."""
         assert pos + idx.size(1) <= self.config.block_size, f'{pos + idx.size(1)} tokens exceed block_size {self.config.block_size}'
         x, rope = self.embed(idx, pos)
         for i, block in enumerate(self.transformer.h):
@@ -118,17 +118,6 @@ class GPT(nn.Module):
         inv_freq = 1.0 / self.config.rope_theta ** (torch.arange(0, hd, 2, device=idx.device).float() / hd)
         freqs = torch.outer(t.float(), inv_freq).repeat(1, 2)  # both halves of a head share frequencies
         return x, (freqs.cos().to(x.dtype), freqs.sin().to(x.dtype))
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens):
-        """Greedy decoding with a KV cache: one prefill of idx (B, T), then one token per step."""
-        c, T = self.config, idx.size(1) + max_new_tokens
-        cache = [[self.lm_head.weight.new_zeros(idx.size(0), c.n_kv_head, T, c.head_dim) for _ in 'kv'] for _ in range(c.n_layer)]
-        logits, _ = self(idx, cache=cache)
-        for _ in range(max_new_tokens):
-            idx = torch.cat((idx, logits[:, -1:].argmax(-1)), dim=1)
-            logits, _ = self(idx[:, -1:], cache=cache, pos=idx.size(1) - 1)
-        return idx
 
     # -----------------------------------------------------------------------------
     # Hugging Face weights, in and out

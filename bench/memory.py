@@ -33,7 +33,7 @@ for mode in a.modes.split(','):
     launch = [sys.executable] if n == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
                                               f'--nproc_per_node={n}', '--no-python', sys.executable]
     with tempfile.TemporaryDirectory() as out:
-        args = ['--max_iters=2', '--eval_interval=0', '--eval_tokens=2048', '--log_interval=1', '--baselines=False',
+        args = ['--max_iters=2', '--eval_interval=0', '--eval_tokens=2048', '--log_interval=1',
                 f'--gradient_accumulation_steps={n}', f'--out_dir={out}'] + ['--fsdp=True'] * mode.startswith('fsdp')
         r = subprocess.run(launch + ['-c', WRAP, a.train] + args, cwd=ROOT, env=env, capture_output=True, text=True)
     if r.returncode:

@@ -28,17 +28,16 @@ METHODS = {  # name -> train.py arguments
     'wanda': ['--method=wanda'],
     'sparsegpt': ['--method=sparsegpt'],
     'ast': [os.path.join(ROOT, 'config', 'ast_smollm2.py')],  # it sets max_iters: it goes first, the overrides after
-    'sparseforge': [],                                        # the default: soft mask, hessian score, KD, no SLoRB
-    'sf-wanda': ['--score=wanda'],                            # OBD with the layer-local Hessian (Wanda's statistics)
+    'sparseforge': [],                                        # the default: soft mask, wanda score, KD
+    'sf-hessian': ['--score=hessian'],                        # OBD with the per-position Fisher diagonal
     'sf-magnitude': ['--score=magnitude'],
     'wanda-ft': ['--method=wanda'],                           # prune, then KD fine-tuning under the frozen mask
     'sparsegpt-ft': ['--method=sparsegpt'],
     'kd-dense': ['--method=dense'],                           # KD fine-tuning without a mask: the overhead baseline
-    'sf-slorb': ['--slorb_k=16'],                             # not in the default set: the paper's other ablations
-    'sf-no-kd': ['--w_kl=0.0'],
+    'sf-no-kd': ['--w_kl=0.0'],                               # not in the default set: the paper's KD ablation
 }
 ONCE = ('dense', 'magnitude', 'wanda', 'sparsegpt')  # no retraining: run once, at 0 tokens (calibration not counted)
-DEFAULT = [m for m in METHODS if m not in ('sf-slorb', 'sf-no-kd')]
+DEFAULT = [m for m in METHODS if m != 'sf-no-kd']
 ZERO_SHOT = 'dense,magnitude,wanda,sparsegpt,ast,sparseforge,sparsegpt-ft,kd-dense'
 
 p = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0])
@@ -58,7 +57,7 @@ if unknown := set(methods) - set(METHODS):
     sys.exit(f'unknown methods {sorted(unknown)}; the methods are {", ".join(METHODS)}')
 methods = ['dense'] + [m for m in methods if m != 'dense']  # the ratio column needs it
 common = [f'--init_from={a.model}', f'--dataset={a.dataset}', f'--batch_size={a.batch_size}',
-          f'--block_size={a.block_size}', '--baselines=False', '--log_interval=1'] + shlex.split(a.extra)
+          f'--block_size={a.block_size}', '--log_interval=1'] + shlex.split(a.extra)
 # offline unless the caller's environment says otherwise: hub look-ups hang before failing here (README)
 env = {'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', **os.environ}
 

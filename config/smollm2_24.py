@@ -9,7 +9,7 @@ init_from = 'smollm2'
 dataset = 'pydoc'
 method = 'sparseforge'
 pattern = '2:4'
-score = 'hessian'  # OBD with the per-position Fisher diagonal (README, "The Hessian")
+score = 'wanda'  # OBD with the layer-local Hessian; the whole-loss Fisher ('hessian') is close behind (README)
 batch_size = 4
 block_size = 256
 max_iters = 64  # 4 * 256 = 1,024 tokens per iteration, 65,536 tokens in all

@@ -19,6 +19,7 @@ cuda = torch.cuda.is_available()
 if not cuda:
     os.environ['TRITON_INTERPRET'] = '1'  # read when the kernels are decorated, i.e. at import
 import kernels
+from conftest import generate
 
 dev = 'cuda' if cuda else 'cpu'
 gpu = pytest.mark.skipif(not cuda, reason='needs CUDA')
@@ -126,14 +127,15 @@ def test_finalised_model_decodes_the_same_packed(pattern):
     model = GPT(GPTConfig('llama', block_size=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
                           head_dim=16, n_inner=64, qkv_bias=False, o_bias=False, mlp_bias=False)).to(dev).eval()
     layers = mask.sparsify(model, pattern)
-    mask.set_mask(layers, [mask.project(l.weight.detach().abs(), pattern) for l in layers])
+    for l in layers:  # magnitude masks
+        l.proj.copy_(mask.project(l.weight.detach().abs(), pattern))  # finalize() freezes m = Proj(m)
     mask.finalize(layers)
     mask.merge(model)
     idx = torch.randint(0, 64, (2, 5), device=dev)
-    dense_logits, ref = model(idx)[0], model.generate(idx, 6)
+    dense_logits, ref = model(idx)[0], generate(model, idx, 6)
     kernels.pack_model(model, pattern)
     assert not any(hasattr(m, 'mask') for m in model.modules())  # packed weights only
-    assert torch.allclose(model(idx)[0], dense_logits, atol=1e-4) and torch.equal(model.generate(idx, 6), ref)
+    assert torch.allclose(model(idx)[0], dense_logits, atol=1e-4) and torch.equal(generate(model, idx, 6), ref)
 
 def test_cpu_without_interpreter_uses_twin():
     # without TRITON_INTERPRET a Triton launch on CPU would fail, so this passing means the twin ran

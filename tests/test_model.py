@@ -3,7 +3,7 @@ import pytest
 import torch
 import transformers
 from model import GPT
-from conftest import smollm2
+from conftest import smollm2, generate
 
 def tiny(kind):
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -46,7 +46,7 @@ def test_smollm2_parity():
     idx = torch.tensor([tok('The quick brown fox jumps over the lazy dog.')['input_ids']])
     with torch.no_grad():
         assert (model(idx)[0] - hf(idx).logits).abs().max() < 1e-4
-        assert torch.equal(model.generate(idx, 8), hf.generate(idx, max_new_tokens=8, do_sample=False))
+        assert torch.equal(generate(model, idx, 8), hf.generate(idx, max_new_tokens=8, do_sample=False))
 
 def test_unknown_model_offline():
     with pytest.raises(SystemExit, match="cannot load model 'sparseforge/not-a-model'"):
