@@ -5,7 +5,7 @@ the KD teacher, wanda score), and the bytes one sparse layer keeps for its backw
 A thin driver like bench/tokens.py: each run is `train.py` in a subprocess whose ranks report their own VmHWM.
 
     python prepare.py pydoc --model=smollm2 && python bench/memory.py      # ~15 minutes on the 2-core CPU machine
-    python bench/memory.py --train=../other-checkout/train.py              # the same runs on another version
+    python bench/memory.py --train=../other/train.py --extra=--baselines=False   # the same runs on another version
 """
 import argparse, os, re, subprocess, sys, tempfile
 import torch
@@ -19,6 +19,7 @@ import mask as sf
 p = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0])
 p.add_argument('--train', default=os.path.join(ROOT, 'train.py'), help='the train.py to measure')
 p.add_argument('--modes', default='1,ddp2,fsdp2,fsdp4', help='1 (one process), ddpN, fsdpN')
+p.add_argument('--extra', default='', help='more train.py --key=value arguments, given to every run')
 a = p.parse_args()
 # every rank prints its peak resident memory at exit: VmHWM from /proc/self/status, in kB
 WRAP = ("import atexit, os, runpy, sys\n"
@@ -35,6 +36,7 @@ for mode in a.modes.split(','):
     with tempfile.TemporaryDirectory() as out:
         args = ['--max_iters=2', '--eval_interval=0', '--eval_tokens=2048', '--log_interval=1',
                 f'--gradient_accumulation_steps={n}', f'--out_dir={out}'] + ['--fsdp=True'] * mode.startswith('fsdp')
+        args += a.extra.split()
         r = subprocess.run(launch + ['-c', WRAP, a.train] + args, cwd=ROOT, env=env, capture_output=True, text=True)
     if r.returncode:
         sys.exit(f'{mode} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}')

