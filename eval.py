@@ -5,7 +5,7 @@
     python eval.py gpt2 --data=data/wikitext2_gpt2/test.bin          # the published protocol (prepare.py wikitext2)
 Perplexity as in Wanda/SparseGPT/AST (SPEC section 10): tokens without BOS in non-overlapping windows of the context
 length, the remainder dropped, exp of the mean NLL of every predicted token. Never select checkpoints on test."""
-import argparse, importlib.util, json, math, os, pickle, sys, zipfile
+import argparse, importlib.util, json, math, os, pickle, re, sys, zipfile
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -81,7 +81,7 @@ def read_checkpoint(path, fix, **kw):
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True, **kw)
     except pickle.UnpicklingError as e:
-        sys.exit(f'{path}: refused, holds more than tensors, numbers: {str(e).split("error: ")[-1].split(" was")[0]}')
+        sys.exit(f'{path}: refused, holds more than tensors and numbers: imports {re.findall("GLOBAL ([^ ]+)", str(e))}')
     if not isinstance(ckpt, dict) or 'model_args' not in ckpt:
         sys.exit(f'{path}: a torch file, but not a train.py checkpoint; {fix}')
     return ckpt

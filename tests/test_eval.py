@@ -1,5 +1,6 @@
 """Export of a finalised sparse model as a standard HF checkpoint, the pattern validator on it, zero-shot accuracy on
 real questions through the CLI (offline), and a one-line error for each bad input."""
+import os
 import re
 import pytest
 import torch
@@ -64,15 +65,21 @@ class Evil:
     def __reduce__(self):
         return print, ('this ran at load',)
 
+class EvilOS:  # torch words its refusal differently for a module it blocks (os) than for an unknown global
+    def __reduce__(self):
+        return os.getcwd, ()
+
 def test_bad_input_is_one_clear_line(tmp_path, capsys):
     torch.save({'a': torch.ones(1000)}, tmp_path / 'good.pt')
     (tmp_path / 'truncated.pt').write_bytes((tmp_path / 'good.pt').read_bytes()[:2000])
     (tmp_path / 'garbage.pt').write_text('not a checkpoint\n' * 100)
     torch.save({'model_args': Evil()}, tmp_path / 'evil.pt')  # unpickling it would run code
+    torch.save({'model_args': EvilOS()}, tmp_path / 'evil_os.pt')
     bad = 'no checkpoint there (missing, truncated or corrupt?)'
     for f, says in [('missing.pt', bad), ('garbage.pt', bad), ('truncated.pt', bad),
                     ('good.pt', 'a torch file, but not a train.py checkpoint'),
-                    ('evil.pt', 'refused, holds more than tensors, numbers: Unsupported global: GLOBAL print')]:
+                    ('evil.pt', 'refused, holds more than tensors and numbers: imports [\'print\']'),
+                    ('evil_os.pt', 'refused, holds more than tensors and numbers: imports [\'posix.getcwd\']')]:
         with pytest.raises(SystemExit, match=re.escape(f'{tmp_path / f}: {says}')):
             load(str(tmp_path / f))
     assert 'this ran' not in capsys.readouterr().out
