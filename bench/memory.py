@@ -47,8 +47,8 @@ for mode in a.modes.split(','):
         args = ['--max_iters=2', '--eval_interval=0', '--eval_tokens=2048', '--log_interval=1',
                 f'--gradient_accumulation_steps={n}', f'--out_dir={out}'] + ['--fsdp=True'] * mode.startswith('fsdp')
         args += a.extra.split()
-        r = subprocess.run(launch + ['-c', WRAP, a.train] + args, cwd=os.path.dirname(os.path.abspath(a.train)), env=env,
-                           capture_output=True, text=True)  # cwd: that train.py imports its own model.py, mask.py
+        cwd = os.path.dirname(os.path.abspath(a.train))  # that train.py imports its own model.py and mask.py
+        r = subprocess.run(launch + ['-c', WRAP, a.train] + args, cwd=cwd, env=env, capture_output=True, text=True)
     if r.returncode:
         sys.exit(f'{mode} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}')
     found = sorted(re.findall(r'^VmHWM rank (\d+): (\d+) (\d+) (\d+) kB', r.stdout, re.M))
@@ -97,7 +97,7 @@ x, rope = model.embed(torch.zeros(1, a.tokens, dtype=torch.long))
 x.requires_grad_(True)
 with torch.autocast('cpu', dtype=torch.bfloat16):
     kept = saved_bytes(lambda x: block(x, rope, None, 0), block, x)
-product = sum(l.weight.numel() for l in layers) * 2  # the bf16 W * m_eff that F.linear(x, W * m_eff) would keep
+wm = sum(l.weight.numel() for l in layers) * 2  # bytes of the bf16 W * m_eff that F.linear(x, W * m_eff) would keep
 print(f'LLaMA-2-7B-shaped block, {a.tokens} tokens, bf16 autocast: {kept / a.tokens / 2**10:.1f} KiB kept per token '
       f'({kept * 4096 / a.tokens * 32 / 2**30:.1f} GiB for 4096 tokens x 32 blocks); W * m_eff would add '
-      f'{product / 2**30:.2f} GiB a block ({product * 32 / 2**30:.1f} GiB for 32)')
+      f'{wm / 2**30:.2f} GiB a block ({wm * 32 / 2**30:.1f} GiB for 32)')
