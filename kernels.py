@@ -13,8 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# Triton on CUDA; on CPU Triton if TRITON_INTERPRET=1 at import (bf16 is wrong there), else the torch twin
-INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
+INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'  # CPU: Triton if set at import (bf16 wrong), else the twin
 
 # ----------------------------------------------------------------------------------------------------------- formats
 def _keep(nz, k):  # [..., n] bool -> [..., k] indices to store: nonzeros first, then the lowest zero slots, ascending
@@ -111,8 +110,7 @@ class PackedLinear(nn.Module):
     def forward(self, x):
         return FORMATS[self.pattern][1 if x.is_cuda or INTERPRET else 2](x, self.vals, self.meta, self.bias)
 
-def pack_model(model, pattern):
-    # swap every nn.Linear inside the decoder blocks; embeddings and lm_head stay dense
+def pack_model(model, pattern):  # swap every nn.Linear inside the decoder blocks; embeddings and lm_head stay dense
     for module in list(model.transformer.h.modules()):  # list: we setattr while walking
         for name, child in module.named_children():
             if isinstance(child, nn.Linear):

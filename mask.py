@@ -89,8 +89,7 @@ def sparsify(model, pattern, score='hessian'):
                 setattr(mod, cname, layers[-1])
     return layers
 
-# -----------------------------------------------------------------------------
-# Hessian diagonal and the soft-mask update
+# ------------------------------------------------------------------------ Hessian diagonal and the soft-mask update
 
 def local(t):  # a DTensor (FSDP) -> this rank's rows; other tensors as they are
     return t.to_local() if hasattr(t, 'to_local') else t
@@ -112,13 +111,11 @@ def update(layers, kind, T, beta, lam, alpha=0.1, diag=False):
     for l in layers:
         g, N = groups(score(l, kind), l.pattern)
         s = torch.stack([g.new_tensor(g.numel()), g.sum(), g.square().sum()]).double()
-        if dist.is_initialized():  # the layer's moments over all ranks' rows (FSDP; under DDP all hold the same)
-            dist.all_reduce(s)
+        dist.is_initialized() and dist.all_reduce(s)  # the layer's moments over all ranks' rows (FSDP; DDP's agree)
         mean, std = s[1] / s[0], (s[2] / s[0] - (s[1] / s[0]) ** 2).clamp(min=0).sqrt()
         z = (g - mean.float()) / (std.float() + 1e-6)  # layer-wise standardisation: T gets a fixed scale
         hard, order = topn(z, N)
-        zs = z.gather(-1, order)
-        tau = (zs[:, N - 1:N] + zs[:, N:N + 1]) / 2  # between the N-th and (N+1)-th: exactly N above 0.5
+        tau = z.gather(-1, order[:, N - 1:N + 1]).mean(-1, keepdim=True)  # between the N-th and (N+1)-th: N above 0.5
         G = (1 - beta) * torch.sigmoid((z - tau) / T) + beta * hard  # Eq. 3, then the structure blend
         mask, old = local(l.mask), local(l.proj)
         G, hard = ungroup(G, mask.shape, l.pattern), ungroup(hard, mask.shape, l.pattern)
@@ -139,15 +136,12 @@ def finalize(layers, optimizer=None):
     for l in layers:
         l.mask.copy_(l.proj)
         l.x.zero_()
-        pruned = l.proj == 0
-        l.weight.masked_fill_(pruned, 0.0)
-        for buf in (optimizer.state.get(l.weight, {}) if optimizer else {}).values():
-            if buf.shape == l.weight.shape:
-                buf.masked_fill_(pruned, 0.0)
+        for t in [l.weight, *(optimizer.state.get(l.weight, {}) if optimizer else {}).values()]:  # W, Adam's moments
+            if t.dim():  # not Adam's step
+                t.masked_fill_(l.proj == 0, 0.0)
 
-# -----------------------------------------------------------------------------
-# One-shot baselines (SPEC section 9): blocks pruned in order, each calibrated on the outputs of the
-# already-pruned blocks before it, as Wanda and SparseGPT do
+# ----------------------------------------------------------------------------------- one-shot baselines (SPEC 9)
+# blocks are pruned in order, each calibrated on the outputs of the already-pruned blocks before it (Wanda, SparseGPT)
 
 def sparsegpt(W, H, n, m, blocksize=128):
     """SparseGPT (Frantar & Alistarh 2023) for N:M: column-wise OBS with lazy batch updates. W (D, C),

@@ -119,8 +119,7 @@ class GPT(nn.Module):
         freqs = torch.outer(t.float(), inv_freq).repeat(1, 2)  # both halves of a head share frequencies
         return x, (freqs.cos().to(x.dtype), freqs.sin().to(x.dtype))
 
-    # -----------------------------------------------------------------------------
-    # Hugging Face weights, in and out
+    # ---------------------------------------------------------------------------- Hugging Face weights, in and out
 
     @staticmethod
     def config_from_hf(hf):
@@ -163,16 +162,16 @@ class GPT(nn.Module):
         except OSError:  # transformers' own message is a page long and never names the model
             raise SystemExit(f'cannot load model {name!r}: not a local HF directory or GGUF, and not on the hub '
                              f'(offline?); pass a local path, or gguf_file=') from None
-        model = cls(cls.config_from_hf(hf.config))
-        sd, hf_sd, names = model.state_dict(), hf.state_dict(), model.hf_names()
-        used = {k for _, ks, _ in names for k in ks}
-        extra = [k for k in hf_sd if k not in used and not k.endswith(('rotary_emb.inv_freq', '.attn.bias', 'masked_bias'))
-                 and not (model.config.tie and k == 'lm_head.weight')]
-        assert not extra, f'{name}: HF tensors with no place in the model: {extra[:5]}'
-        for ours, keys, transposed in names:  # state_dict() tensors are detached views of the parameters
-            w = torch.cat([hf_sd[k].t() if transposed else hf_sd[k] for k in keys])
-            assert w.shape == sd[ours].shape, f'{ours}: shape {tuple(w.shape)} from HF != {tuple(sd[ours].shape)}'
-            sd[ours].copy_(w)
+        with torch.device('meta'):  # no memory and no random init: each parameter gets HF's values below
+            model = cls(cls.config_from_hf(hf.config))
+        hf_sd, names = hf.state_dict(), model.hf_names()
+        del hf  # hf_sd alone holds HF's tensors now, each freed once used: one model in memory, not two
+        for ours, keys, transposed in names:
+            w = torch.cat([hf_sd.pop(k).t() if transposed else hf_sd.pop(k) for k in keys])
+            assert w.shape == model.get_parameter(ours).shape, f'{ours}: shape {tuple(w.shape)} from HF is not ours'
+            torch.utils.swap_tensors(model.get_parameter(ours), nn.Parameter(w))  # in place: a tied lm_head follows
+        extra = [k for k in hf_sd if not k.endswith(('inv_freq', '.attn.bias', 'masked_bias', 'lm_head.weight'))]
+        assert not extra, f'{name}: HF tensors with no place in the model: {extra[:5]}'  # lm_head: left when tied
         return model
 
     def export(self, out_dir, tokenizer=None):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import torch.distributed as dist
 import torch.distributed.checkpoint.state_dict as dcp
+from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
 from model import GPT
 import mask as sf
@@ -109,10 +110,9 @@ if not os.path.exists(os.path.join(ddir, 'meta.json')):  # prepare.py writes it 
     sys.exit(f'{ddir}/meta.json not found: run  python prepare.py {dataset} --model={name}')
 meta = json.load(open(os.path.join(ddir, 'meta.json')))
 data = {s: np.memmap(os.path.join(ddir, f'{s}.bin'), dtype=meta['dtype'], mode='r') for s in ('train', 'val')}
-for s, d in data.items():  # train draws windows of block_size + 1 tokens, val scores whole windows
-    if len(d) <= block_size:
-        sys.exit(f'{ddir}/{s}.bin: {len(d)} tokens, less than one window of --block_size={block_size} + 1; '
-                 'use a longer corpus (prepare.py) or a smaller --block_size')
+if short := [f'{ddir}/{s}.bin: {len(d)} tokens' for s, d in data.items() if len(d) <= block_size]:
+    sys.exit(f'{" and ".join(short)}, less than one window of --block_size={block_size} + 1; '
+             'use a longer corpus (prepare.py) or a smaller --block_size')
 
 def get_batch(it, micro, B=batch_size, r=rank):
     """Random windows of train.bin, a pure function of (seed, iteration, micro-step, rank): resume is exact."""
@@ -146,8 +146,9 @@ if fsdp:  # built on the meta device, sharded, then every rank gets its rows fro
         assert pattern != 'block16' or -(-l.weight.size(0) // world) % 16 == 0, 'FSDP block16: ranks must get whole bands'
         l.mask, l.proj = (torch.nn.Parameter(t, requires_grad=False) for t in (l.mask, l.proj))
     for m in [model, teacher] if teacher else [model]:
-        for mod in [*m.transformer.h, m]:
-            fully_shard(mod, mp_policy=MixedPrecisionPolicy(getattr(torch, dtype), torch.float32))
+        for mod in [*m.transformer.h, m]:  # the root too: else the teacher's embedding is held through the backward
+            fully_shard(mod, mp_policy=MixedPrecisionPolicy(getattr(torch, dtype), torch.float32),
+                        reshard_after_forward=True)
         m.to_empty(device=device)
         dcp.set_model_state_dict(m, src.state_dict() if master else {}, options=dcp.StateDictOptions(
             full_state_dict=True, broadcast_from_rank0=True, strict=False))  # the mask state is not in src: reset()
@@ -161,12 +162,11 @@ optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], '
                                {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=device.startswith('cuda'))
 iter_num = ckpt['iter_num'] if ckpt else 0
-full = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on rank 0: any world size resumes
-if ckpt:
-    dcp.set_state_dict(model, optimizer, model_state_dict=ckpt['model'], optim_state_dict=ckpt['optimizer'], options=full)
+if ckpt:  # the file holds whole tensors (save): any world size resumes
+    dcp.set_state_dict(model, optimizer, model_state_dict=ckpt['model'], optim_state_dict=ckpt['optimizer'],
+                       options=dcp.StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-# -----------------------------------------------------------------------------
-# schedules: pure functions of the iteration, so a resumed run is the same run
+# ------------------------------------------ schedules: pure functions of the iteration, so a resumed run is the same run
 it_warm, it_mask, it_hard0, it_hard1 = (int(f * max_iters) for f in (warmup, mask_start, hard_start, hard_end))
 if one_shot:  # prune, then fine-tune the weights under the frozen one-shot mask
     it_hard0 = it_hard1 = 0
@@ -197,12 +197,22 @@ def loss_fn(m, X, Y):
                   F.log_softmax(t_logits.flatten(0, 1).float() / kd_temp, -1), log_target=True, reduction='batchmean')
     return w_task * task + w_kl * kd_temp ** 2 * kl, task
 
-def save():  # on every rank: under FSDP gathering the state is a collective
-    msd, osd = dcp.get_state_dict(model, optimizer, options=full)
-    if master:  # write, then rename: a crash mid-write leaves the old file whole
-        torch.save(dict(model=msd, optimizer=osd, model_args=asdict(raw_model.config), iter_num=iter_num, config=config),
-                   ckpt_path + '.tmp')
-        os.replace(ckpt_path + '.tmp', ckpt_path)
+def save():  # every rank gathers one whole tensor at a time (a collective under FSDP), rank 0 writes each in place
+    msd, osd = dcp.get_state_dict(model, optimizer)  # under FSDP this rank's shards: nothing is gathered yet
+    state = dict(model=msd, optimizer=osd, model_args=asdict(raw_model.config), iter_num=iter_num, config=config)
+    tensors, tmp = [t for t in tree_leaves(state) if torch.is_tensor(t)], ckpt_path + '.tmp'
+    if master:  # the file without the tensors' bytes (empty tensors take no memory), then where each one's bytes go
+        with torch.serialization.skip_data():
+            torch.save(tree_map_only(torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype), state), tmp)
+        skeleton = tree_leaves(torch.load(tmp, map_location='meta', weights_only=True))  # the same tree, on meta
+        at = [t.untyped_storage()._checkpoint_offset for t in skeleton if torch.is_tensor(t)]
+    with open(tmp, 'r+b') if master else nullcontext() as f:
+        for i, t in enumerate(tensors):
+            t = (t.full_tensor() if hasattr(t, 'full_tensor') else t).cpu()
+            if master:
+                f.seek(at[i])
+                f.write(t.reshape(-1).view(torch.uint8).numpy())
+    master and os.replace(tmp, ckpt_path)  # then rename: a crash mid-write leaves the old file whole
 
 # -----------------------------------------------------------------------------
 start_iter, stats, val_ppl, dt_sum = iter_num, {}, None, 0.0
@@ -256,5 +266,4 @@ while True:
               + ' '.join(f'{k} {v:.3f}' for k, v in stats.items()))
     iter_num += 1
 log(f'{"final" if iter_num == max_iters else "stopped"} {method}{" " + pattern if sparse else ""}: val ppl {val_ppl:.2f}')
-if ddp:
-    dist.destroy_process_group()
+ddp and dist.destroy_process_group()
