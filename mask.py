@@ -30,10 +30,9 @@ def project(t, pattern):
     return ungroup(topn(*groups(t, pattern))[0], t.shape, pattern)
 
 class MaskedLinear(torch.autograd.Function):
-    """y = x (W m)^T + b, m = lerp(proj, mask, q) (the quench mix, SPEC 6), with the straight-through dL/dW = dL/d(W m)
-    (SPEC 3). It saves x and the layer's own tensors and recomputes W m in the backward: no (D, C) product stays alive.
-    Given hess, the backward also adds the per-position Fisher diagonal sum_t delta_t^2 x_t^2 (delta = dL/dy) to its
-    EMA: one matmul the size of dL/dW, no extra pass (README, "The Hessian")."""
+    """y = x (W m)^T + b, m = lerp(proj, mask, q) (the quench mix, SPEC 6); straight-through dL/dW = dL/d(W m) (SPEC 3).
+    Saves x and the layer's own tensors, recomputes W m in the backward: no (D, C) product stays alive. Given hess, the
+    backward adds the per-position Fisher diagonal sum_t delta_t^2 x_t^2 (delta = dL/dy) to its EMA ("The Hessian")."""
     @staticmethod
     def forward(ctx, x, w, mask, proj, q, b, hess):  # under autocast F.linear casts; the backward casts explicitly
         y = F.linear(x, w * proj.lerp(mask, q).to(w.dtype), b)

@@ -186,8 +186,7 @@ class GPT(nn.Module):
                 if len(keys) == 3 else [w.size(0) // len(keys)] * len(keys)
             for k, part in zip(keys, w.split(sizes)):
                 out[k] = (part.t() if transposed else part).contiguous()
-        os.makedirs(out_dir, exist_ok=True)
+        AutoConfig.for_model(**self.config.hf).save_pretrained(out_dir)  # it makes the directory
         save_file(out, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
-        AutoConfig.for_model(**self.config.hf).save_pretrained(out_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)

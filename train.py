@@ -33,6 +33,7 @@ w_task, w_kl, kd_temp = 1.0, 1.0, 2.0  # L = w_task CE + w_kl tau^2 KL(teacher |
 # sparsity
 method = 'sparseforge'         # 'sparseforge', 'ast', 'dense' (KD fine-tune), one-shot: 'magnitude', 'wanda', 'sparsegpt' (N:M)
 pattern = '2:4'                # 'N:M' (0 < N < M) or 'block16'
+mask_init = 'sparsegpt'        # start of the soft mask: a one-shot method's mask and weights, or 'dense' (m = 1)
 score = 'wanda'                # mask score: 'wanda' (OBD, layer Hessian), 'hessian' (per-position Fisher), 'magnitude'
 n_calib = 32                   # calibration sequences of the one-shot baselines (papers: 128)
 hess_interval, mask_interval = 4, 4  # steps between Fisher estimates (hessian score), between soft-mask updates
@@ -45,7 +46,7 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype; weights and masks stay fp32
 seed = 1337
 compile = torch.cuda.is_available()  # torch.compile every block's forward, student and teacher (CPU: slow to compile)
-fsdp = False  # torchrun: shard weights, grads, AdamW, masks, teacher (FSDP2, 7B); not one-shot or hessian
+fsdp = False  # torchrun: shard weights, grads, AdamW, masks, teacher (FSDP2, 7B); not one-shot (starts too) or hessian
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 for arg in sys.argv[1:]:  # a config file, or --key=value; unknown keys and type changes are errors
@@ -69,14 +70,16 @@ for arg in sys.argv[1:]:  # a config file, or --key=value; unknown keys and type
         sys.exit(f'--{key}={val!r}: expected {type(globals()[key]).__name__}, got {type(val).__name__}')
     globals()[key] = type(globals()[key])(val)
 nm, see = pattern.split(':'), 'see the comment beside it at the top of train.py'
+start = {'sparseforge': mask_init}.get(method, method)  # the one-shot method that prunes first, if any
 ddp, rank, world = 'RANK' in os.environ, int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
 for key, ok, rule in [('method', method in ('sparseforge', 'ast', 'dense', 'magnitude', 'wanda', 'sparsegpt')
                        and (method != 'sparsegpt' or ':' in pattern), see),
+                      ('mask_init', mask_init in ('dense', 'magnitude', 'wanda', 'sparsegpt')
+                       and (start != 'sparsegpt' or ':' in pattern), see),
                       ('score', score in ('hessian', 'magnitude', 'wanda'), see),
                       ('pattern', pattern == 'block16' or len(nm) == 2 and all(map(str.isdigit, nm))
                        and 0 < int(nm[0]) < int(nm[1]), see),
-                      ('fsdp', not fsdp or ddp and method in ('sparseforge', 'ast', 'dense')
-                       and score != 'hessian', see),
+                      ('fsdp', not fsdp or ddp and start in ('dense', 'ast') and score != 'hessian', see),
                       *[(k, globals()[k] > 0, 'it must be > 0') for k in ('batch_size', 'block_size',
                         'gradient_accumulation_steps', 'log_interval', 'hess_interval', 'mask_interval', 'n_calib')],
                       *[(k, 0 <= globals()[k], 'it must be >= 0') for k in ('max_iters', 'eval_interval', 'stop_iter')],
@@ -133,16 +136,15 @@ with torch.device('meta' if fsdp else 'cpu'):  # meta: no memory; FSDP fills the
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if kd else None  # the dense start, frozen
 sparse = method != 'dense'
 layers = sf.sparsify(model, pattern, score) if sparse else []
-if one_shot and not ckpt:
+if start in ('magnitude', 'wanda', 'sparsegpt') and not ckpt:  # one-shot: finalized at iteration 0, then fine-tuned
     calib = torch.cat([get_batch(-1, i, 1, r=0)[0] for i in range(n_calib)])  # the same on every rank
-    sf.one_shot(model, layers, method, calib)  # the loop finalizes it at iteration 0, then fine-tunes under it
-    log(f'one-shot {method} {pattern} on {n_calib} x {block_size} tokens')
+    sf.one_shot(model, layers, start, calib)  # sparseforge: m starts at its binary mask (x = 1: m_eff = m)
+    log(f'one-shot {start} {pattern} on {n_calib} x {block_size} tokens')
 raw_model = model
 for block in [*model.transformer.h, *(teacher.transformer.h if teacher else [])] if compile else []:
     block.forward = torch.compile(block.forward)  # blocks only: FSDP's and DDP's hooks stay outside the graphs
 if fsdp:  # built on the meta device, sharded, then every rank gets its rows from rank 0: host memory ~1/world each.
-    # FSDP shards Parameters, not buffers: mask and proj become frozen Parameters, sharded by rows like W
-    for l in layers:
+    for l in layers:  # FSDP shards Parameters, not buffers: mask and proj become frozen Parameters, sharded like W
         assert pattern != 'block16' or -(-l.weight.size(0) // world) % 16 == 0, 'FSDP block16: ranks must get whole bands'
         l.mask, l.proj = (torch.nn.Parameter(t, requires_grad=False) for t in (l.mask, l.proj))
     for m in [model, teacher] if teacher else [model]:

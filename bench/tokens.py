@@ -1,11 +1,12 @@
 """
-Val perplexity and zero-shot accuracy against retraining tokens for every method train.py runs, at equal token budgets:
-dense, the one-shot baselines (magnitude, Wanda, SparseGPT) and the same followed by KD fine-tuning under their frozen
-mask (prune-then-fine-tune, the bar practitioners use), AST-style retraining, SparseForge with each mask score (the
-new Hessian, Wanda's statistics, magnitude), and KD fine-tuning of the dense model (--method=dense): the dense model that
-saw the same tokens (column "x KD") and the baseline of SparseForge's ms/iter overhead. At the largest budget (at 0
-tokens for the one-shot rows), the --zero_shot methods' checkpoints also get `eval.py --tasks=paper`, the seven tasks.
-A thin driver: each row is one `python train.py ...` run in the current directory (where data/ is), its output kept in
+Val perplexity and zero-shot accuracy against retraining tokens for every method train.py runs, at equal token
+budgets: dense, the one-shot baselines (magnitude, Wanda, SparseGPT) and the same followed by KD fine-tuning under
+their frozen mask (prune-then-fine-tune, the bar practitioners use), AST-style retraining, SparseForge from
+SparseGPT's mask (the default) and from m = 1 (the paper's start) with each mask score (Fisher, Wanda's statistics,
+magnitude), and KD fine-tuning of the dense model (--method=dense): the dense model that saw the same tokens (column
+"x KD") and the baseline of SparseForge's ms/iter overhead. At the largest budget (at 0 tokens for the one-shot rows),
+the --zero_shot methods' checkpoints also get `eval.py --tasks=paper`, the seven tasks. A thin driver: each row is one
+`python train.py ...` run in the current directory (where data/ is), its output kept in
 <out>/<method>_<iters>/log.txt. Prints one table and writes it to <out>/tokens.csv (with the per-task accuracies) and
 <out>/tokens.png.
 
@@ -28,9 +29,10 @@ METHODS = {  # name -> train.py arguments
     'wanda': ['--method=wanda'],
     'sparsegpt': ['--method=sparsegpt'],
     'ast': [os.path.join(ROOT, 'config', 'ast_smollm2.py')],  # it sets max_iters: it goes first, the overrides after
-    'sparseforge': [],                                        # the default: soft mask, wanda score, KD
-    'sf-hessian': ['--score=hessian'],                        # OBD with the per-position Fisher diagonal
-    'sf-magnitude': ['--score=magnitude'],
+    'sparseforge': [],                                        # the default: soft mask from SparseGPT's, wanda score, KD
+    'sf-dense': ['--mask_init=dense'],                        # the paper's start, m = 1; the scores compared from it
+    'sf-hessian': ['--mask_init=dense', '--score=hessian'],   # OBD with the per-position Fisher diagonal
+    'sf-magnitude': ['--mask_init=dense', '--score=magnitude'],
     'wanda-ft': ['--method=wanda'],                           # prune, then KD fine-tuning under the frozen mask
     'sparsegpt-ft': ['--method=sparsegpt'],
     'kd-dense': ['--method=dense'],                           # KD fine-tuning without a mask: the overhead baseline

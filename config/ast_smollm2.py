@@ -1,6 +1,6 @@
 # AST-style retraining (the paper's main baseline) through the same loop: a hard magnitude 2:4 mask from the
 # first step, re-selected every 10 steps, KD on, SR-STE decay; same model, data and budget as smollm2_24.py.
-# Hardware: CPU, about 8 minutes on 2 cores; val ppl 32.61 (bench/tokens.py, one thread; SparseForge: 13.89).
+# Hardware: CPU, about 8 minutes on 2 cores; val ppl 32.61 (bench/tokens.py, one thread; SparseForge: 12.20).
 #   python train.py config/ast_smollm2.py
 method = 'ast'
 score = 'magnitude'

@@ -15,6 +15,7 @@ init_from = 'meta-llama/Llama-2-7b-hf'
 dataset = 'c4'
 out_dir = 'out-llama2-7b'
 fsdp = True
+mask_init = 'dense'  # the paper's start, m = 1 (a one-shot start does not run under FSDP)
 batch_size = 1
 block_size = 4096
 gradient_accumulation_steps = 8 * 8  # divided by the 8 ranks

@@ -16,7 +16,7 @@ from eval import load, check_pattern, perplexity
 import mask as sf
 
 TRAIN = os.path.join(ROOT, 'train.py')
-TINY = ['--init_from=tiny', '--block_size=32', '--batch_size=4']
+TINY = ['--init_from=tiny', '--block_size=32', '--batch_size=4', '--mask_init=dense']  # the soft mask from m = 1
 # 6 iterations, the mask updated every step: blend and quench over iterations 1..4 (int(0.2 * 6), int(0.8 * 6)),
 # so a split at 3 falls mid-quench (x = 1/3) with a soft mask, a Fisher EMA and Adam moments all in flight
 QUENCH = ['--max_iters=6', '--eval_interval=3', '--log_interval=1', '--mask_interval=1', '--score=hessian',
@@ -237,6 +237,18 @@ def test_one_shot_baselines_are_exactly_2_4(work, method):
     p = train(work, *TINY, f'--method={method}', '--n_calib=8', f'--out_dir={method}')
     assert re.search(rf'^one-shot {method} 2:4 on 8 x 32 tokens', p.stdout, re.M)
     assert_exact_2_4(work / method / 'ckpt.pt', work, ppl(p.stdout, 'final'))
+
+def test_soft_mask_starts_from_sparsegpt(work):
+    """The default start (mask_init='sparsegpt'): at iteration 0 the student is one-shot SparseGPT's model, to the
+    printed perplexity, and the soft mask trained from there ends exactly 2:4."""
+    args = [*TINY, '--n_calib=8', '--mask_init=sparsegpt']
+    one = train(work, *args, '--method=sparsegpt', '--max_iters=0', '--out_dir=sgpt0').stdout
+    start = train(work, *args, '--max_iters=0', '--out_dir=sf_sgpt0').stdout
+    assert re.search(r'^one-shot sparsegpt 2:4 on 8 x 32 tokens', start, re.M)
+    assert ppl(start, 'final sparseforge') == ppl(one, 'final sparsegpt')
+    p = train(work, *args, '--max_iters=4', '--eval_interval=4', '--mask_interval=1', '--mask_start=0.0',
+              '--out_dir=sf_sgpt')
+    assert_exact_2_4(work / 'sf_sgpt' / 'ckpt.pt', work, ppl(p.stdout, 'final'))
 
 def test_divergence_stops_and_keeps_the_checkpoint(work):
     """A run that goes non-finite stops before its optimizer step: the checkpoint before it is byte for byte intact."""
