@@ -33,7 +33,7 @@ w_task, w_kl, kd_temp = 1.0, 1.0, 2.0  # L = w_task CE + w_kl tau^2 KL(teacher |
 # sparsity
 method = 'sparseforge'         # 'sparseforge', 'ast', 'dense' (KD fine-tune), one-shot: 'magnitude', 'wanda', 'sparsegpt' (N:M)
 pattern = '2:4'                # 'N:M' (0 < N < M) or 'block16'
-mask_init = 'sparsegpt'        # start of the soft mask: a one-shot method's mask and weights, or 'dense' (m = 1)
+mask_init = 'sparsegpt'        # soft mask's start: one-shot 'sparsegpt' (N:M), 'wanda', 'magnitude'; 'dense': m = 1
 score = 'wanda'                # mask score: 'wanda' (OBD, layer Hessian), 'hessian' (per-position Fisher), 'magnitude'
 n_calib = 32                   # calibration sequences of the one-shot baselines (papers: 128)
 hess_interval, mask_interval = 4, 4  # steps between Fisher estimates (hessian score), between soft-mask updates
