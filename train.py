@@ -168,7 +168,7 @@ if ckpt:  # the file holds whole tensors (save): any world size resumes
     dcp.set_state_dict(model, optimizer, model_state_dict=ckpt['model'], optim_state_dict=ckpt['optimizer'],
                        options=dcp.StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-# ------------------------------------------ schedules: pure functions of the iteration, so a resumed run is the same run
+# ----------------------------------- schedules: pure functions of the iteration, so a resumed run is the same run
 it_warm, it_mask, it_hard0, it_hard1 = (int(f * max_iters) for f in (warmup, mask_start, hard_start, hard_end))
 if one_shot:  # prune, then fine-tune the weights under the frozen one-shot mask
     it_hard0 = it_hard1 = 0
@@ -210,10 +210,10 @@ def save():  # every rank gathers one whole tensor at a time (a collective under
         at = [t.untyped_storage()._checkpoint_offset for t in skeleton if torch.is_tensor(t)]
     with open(tmp, 'r+b') if master else nullcontext() as f:
         for i, t in enumerate(tensors):
-            t = (t.full_tensor() if hasattr(t, 'full_tensor') else t).cpu()
-            if master:
+            t = t.full_tensor() if hasattr(t, 'full_tensor') else t  # under FSDP every rank takes part
+            if master:  # only the writer copies to the host
                 f.seek(at[i])
-                f.write(t.reshape(-1).view(torch.uint8).numpy())
+                f.write(t.cpu().reshape(-1).view(torch.uint8).numpy())
     master and os.replace(tmp, ckpt_path)  # then rename: a crash mid-write leaves the old file whole
 
 # -----------------------------------------------------------------------------
