@@ -69,11 +69,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, (2 if self.gated else 1) * cfg.n_inner, bias=cfg.mlp_bias)
         self.c_proj = nn.Linear(cfg.n_inner, cfg.n_embd, bias=cfg.mlp_bias)
     def forward(self, x):
-        h = self.c_fc(x)
         if self.gated:
-            gate, up = h.chunk(2, dim=-1)
+            gate, up = self.c_fc(x).chunk(2, dim=-1)
             return self.c_proj(F.silu(gate) * up)
-        return self.c_proj(F.gelu(h, approximate='tanh'))
+        return self.c_proj(F.gelu(self.c_fc(x), approximate='tanh'))
 
 class Block(nn.Module):
     def __init__(self, cfg):

@@ -147,6 +147,7 @@ if fsdp:  # built on the meta device, sharded, then every rank gets its rows fro
     for l in layers:  # FSDP shards Parameters, not buffers: mask and proj become frozen Parameters, sharded like W
         assert pattern != 'block16' or -(-l.weight.size(0) // world) % 16 == 0, 'FSDP block16: ranks must get whole bands'
         l.mask, l.proj = (torch.nn.Parameter(t, requires_grad=False) for t in (l.mask, l.proj))
+    model.transformer.wte.sparse = model.config.tie  # tied: the lookup's gradient as rows, not a vocab x C copy
     for m in [model, teacher] if teacher else [model]:
         for mod in [*m.transformer.h, m]:  # the root too: else the teacher's embedding is held through the backward
             fully_shard(mod, mp_policy=MixedPrecisionPolicy(getattr(torch, dtype), torch.float32),

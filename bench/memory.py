@@ -1,7 +1,7 @@
 """
 Memory of train.py on CPU (gloo): the peak resident memory (VmHWM) of every rank, loaded / trained / with the save,
 for one process, DDP on 2 ranks and FSDP on 2 and 4 ranks, each for 2 iterations of the embedded default
-(SmolLM2-135M, the KD teacher, wanda score); the bytes one sparse layer keeps for its backward against an nn.Linear;
+(SmolLM2-135M, KD teacher, wanda score, m = 1); the bytes one sparse layer keeps for its backward against an nn.Linear;
 and what one LLaMA-2-7B-shaped block keeps per token (the README's 7B table). A thin driver like bench/tokens.py:
 each run is `train.py` in a subprocess whose ranks report their own VmHWM.
 
@@ -32,7 +32,8 @@ WRAP = ("import atexit, os, runpy, sys, torch, torch.distributed.checkpoint.stat
         "init, get = torch.optim.AdamW.__init__, dcp.get_state_dict\n"
         "torch.optim.AdamW.__init__ = lambda *a, **k: peak.append(hwm()) or init(*a, **k)\n"
         "dcp.get_state_dict = lambda *a, **k: peak.append(hwm()) or get(*a, **k)\n"
-        "atexit.register(lambda: print(f'VmHWM rank {os.environ.get(\"RANK\", 0)}: {peak[0]} {peak[1]} {hwm()} kB'))\n"
+        "line = lambda: f'\\nVmHWM rank {os.environ.get(\"RANK\", 0)}: {peak[0]} {peak[1]} {hwm()} kB\\n'.encode()\n"
+        "atexit.register(lambda: os.write(1, line()))  # one write: never split by another rank's output\n"
         "sys.argv = sys.argv[1:]\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 # glibc keeps freed buffers below its (adaptive) mmap threshold in the heap: a fixed threshold makes VmHWM count the
@@ -46,12 +47,15 @@ for mode in a.modes.split(','):
     with tempfile.TemporaryDirectory() as out:
         args = ['--max_iters=2', '--eval_interval=0', '--eval_tokens=2048', '--log_interval=1',
                 f'--gradient_accumulation_steps={n}', f'--out_dir={out}'] + ['--fsdp=True'] * mode.startswith('fsdp')
+        has_init = 'mask_init =' in open(a.train).read()  # a0a38dd's train.py has no such key
+        args += ['--mask_init=dense'] * has_init  # m = 1: FSDP's start
         args += a.extra.split()
         cwd = os.path.dirname(os.path.abspath(a.train))  # that train.py imports its own model.py and mask.py
         r = subprocess.run(launch + ['-c', WRAP, a.train] + args, cwd=cwd, env=env, capture_output=True, text=True)
     if r.returncode:
         sys.exit(f'{mode} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}')
     found = sorted(re.findall(r'^VmHWM rank (\d+): (\d+) (\d+) (\d+) kB', r.stdout, re.M))
+    assert len(found) == n, f'{mode}: {len(found)} of {n} ranks reported their memory'
     peaks = [[int(kb) / 2**20 for kb in kbs] for _, *kbs in found]  # GB per rank: loaded, trained, with the save
     losses = ' '.join(re.findall(r'^iter \d+: loss (\S+)', r.stdout, re.M))
     rows.append((mode, peaks, losses))
