@@ -25,8 +25,7 @@ def perplexity(model, tokens, block_size, batch_size=8, device='cpu'):
         x = windows[min(i, n - 1):i + batch_size].to(device)  # past the end: a 0-weight forward (FSDP's are collective)
         _, loss = model(x[:, :-1], x[:, 1:])  # the last token is only a target (causal)
         nll += loss.double() * x[:, 1:].numel() * (i < n)
-    if dist.is_initialized():
-        dist.all_reduce(nll)
+    dist.is_initialized() and dist.all_reduce(nll)
     return math.exp(nll / (n * (block_size - 1)))
 
 @torch.no_grad()

@@ -1,7 +1,6 @@
-"""SparseForge's soft mask (paper 4.2-4.3, SPEC 2-9) as a module swap: sparsify() puts a SparseLinear in place of every
-decoder nn.Linear; train.py calls update() (Eq. 3-5) every mask_interval steps and finalize() at hard_end; one_shot()
-runs the magnitude / Wanda / SparseGPT baselines. Mask state is fp32 buffers; under FSDP mask and proj are frozen
-Parameters (train.py), sharded by rows with their weight: update() and finalize() work on each rank's rows."""
+"""SparseForge's soft mask (paper 4.2-4.3, SPEC 2-9) as a module swap: sparsify() swaps every decoder nn.Linear for a
+SparseLinear; train.py calls update() (Eq. 3-5) every mask_interval steps, finalize() at hard_end; one_shot() runs the
+magnitude / Wanda / SparseGPT baselines. State: fp32 buffers (FSDP: mask, proj frozen Parameters, each rank's rows)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -64,8 +63,7 @@ class SparseLinear(nn.Module):
 
     def reset(self):  # the start: m = Proj(m) = 1 (the student is the dense teacher), no statistics yet
         for t, v in ((self.mask, 1), (self.proj, 1), (self.hess, 0), (self.x_sq, 0), (self.x, 1)):
-            if t is not None:
-                t.fill_(v)
+            t is None or t.fill_(v)  # hess: the hessian score's only
 
     def forward(self, x):
         if self.training:  # running mean of x_j^2 for the wanda score

@@ -4,7 +4,7 @@ pydoc corpus); config/*.py files and --key=value arguments override them.
     python train.py                                                # embedded default, offline, CPU
     python train.py config/gpt2_xl_24.py --max_iters=100           # a config file, then overrides
     torchrun --standalone --nproc_per_node=8 train.py config/llama2_7b.py"""
-import copy, json, math, os, sys, time
+import copy, json, math, os, subprocess, sys, time
 from ast import literal_eval
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint.state_dict as dcp
 from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
-from model import GPT
+from model import GPT, GPTConfig
 import mask as sf
 from prepare import data_dir, locate
 from eval import perplexity, read_checkpoint
@@ -124,16 +124,20 @@ def get_batch(it, micro, B=batch_size, r=rank):
     xy = torch.stack([torch.from_numpy(data['train'][i:i + block_size + 1].astype(np.int64)) for i in ix])
     return xy[:, :-1].to(device), xy[:, 1:].to(device)
 
-# the student, a frozen dense teacher, the sparse layers; under FSDP only rank 0 reads the weights (see below)
-src = GPT.from_pretrained(*locate(name)) if master or not fsdp else None  # resuming, the checkpoint replaces these
-conf = [src and src.config]
-fsdp and dist.broadcast_object_list(conf)  # the other ranks build the model from rank 0's config
-if block_size > conf[0].block_size:
-    sys.exit(f"--block_size={block_size} is not valid: the model's context is {conf[0].block_size}")
+# the student (resuming: the checkpoint's weights replace these, below), a frozen dense teacher, the sparse layers
+start_pt = os.path.join(out_dir, 'start.pt')  # FSDP: a child of rank 0 writes the weights here, every rank maps them
+read = (f'import sys, torch; sys.path[0] = {os.path.dirname(__file__)!r}; import model; m = model.GPT.from_pretrained('
+        f'*{locate(name)!r}); torch.save(dict(model=m.state_dict(), model_args=vars(m.config)), {start_pt!r})')
+if fsdp and master and subprocess.run([sys.executable, '-c', read]).returncode:  # transformers stays in the child
+    sys.exit(f'{name}: not loaded (the error above)')
+fsdp and dist.barrier()  # start_pt is whole
+whole = lambda: torch.load(start_pt, mmap=True, weights_only=True)  # mapped, not read: pages are read as used
 one_shot, kd = method in ('magnitude', 'wanda', 'sparsegpt'), w_kl > 0 and max_iters > 0
 with torch.device('meta' if fsdp else 'cpu'):  # meta: no memory; FSDP fills the shards below
-    model = GPT(conf[0]) if fsdp else src.to(device)
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if kd else None  # the dense start, frozen
+    model = GPT(GPTConfig(**whole()['model_args'])) if fsdp else GPT.from_pretrained(*locate(name)).to(device)
+if block_size > model.config.block_size:
+    sys.exit(f"--block_size={block_size} is not valid: the model's context is {model.config.block_size}")
+teacher = copy.deepcopy(model).eval().requires_grad_(False) if kd else None  # the dense start, frozen
 sparse = method != 'dense'
 layers = sf.sparsify(model, pattern, score) if sparse else []
 if start in ('magnitude', 'wanda', 'sparsegpt') and not ckpt:  # one-shot: finalized at iteration 0, then fine-tuned
@@ -143,7 +147,7 @@ if start in ('magnitude', 'wanda', 'sparsegpt') and not ckpt:  # one-shot: final
 raw_model = model
 for block in [*model.transformer.h, *(teacher.transformer.h if teacher else [])] if compile else []:
     block.forward = torch.compile(block.forward)  # blocks only: FSDP's and DDP's hooks stay outside the graphs
-if fsdp:  # built on the meta device, sharded, then every rank gets its rows from rank 0: host memory ~1/world each.
+if fsdp:  # built on the meta device, sharded, then every rank takes its rows of start_pt: host memory ~1/world each
     for l in layers:  # FSDP shards Parameters, not buffers: mask and proj become frozen Parameters, sharded like W
         assert pattern != 'block16' or -(-l.weight.size(0) // world) % 16 == 0, 'FSDP block16: ranks must get whole bands'
         l.mask, l.proj = (torch.nn.Parameter(t, requires_grad=False) for t in (l.mask, l.proj))
@@ -153,11 +157,10 @@ if fsdp:  # built on the meta device, sharded, then every rank gets its rows fro
             fully_shard(mod, mp_policy=MixedPrecisionPolicy(getattr(torch, dtype), torch.float32),
                         reshard_after_forward=True)
         m.to_empty(device=device)
-        dcp.set_model_state_dict(m, src.state_dict() if master else {}, options=dcp.StateDictOptions(
-            full_state_dict=True, broadcast_from_rank0=True, strict=False))  # the mask state is not in src: reset()
-    for l in layers:
+        dcp.set_model_state_dict(m, whole()['model'], options=dcp.StateDictOptions(full_state_dict=True, strict=False))
+    for l in layers:  # the mask state is not in start_pt (strict=False): m = 1
         l.reset()
-    del src
+    master and os.remove(start_pt)  # every rank has mapped it (set_model_state_dict is collective)
 elif ddp:  # buffers (mask, hess, x_sq) are kept equal by all-reduces (mask.py, the loop), not broadcast every forward
     model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
 params = [p for p in model.parameters() if p.requires_grad]
