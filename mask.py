@@ -63,7 +63,7 @@ class SparseLinear(nn.Module):
 
     def reset(self):  # the start: m = Proj(m) = 1 (the student is the dense teacher), no statistics yet
         for t, v in ((self.mask, 1), (self.proj, 1), (self.hess, 0), (self.x_sq, 0), (self.x, 1)):
-            t is None or t.fill_(v)  # hess: the hessian score's only
+            t is None or t.fill_(v)  # hess is None unless score == 'hessian'
 
     def forward(self, x):
         if self.training:  # running mean of x_j^2 for the wanda score

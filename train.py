@@ -7,7 +7,6 @@ pydoc corpus); config/*.py files and --key=value arguments override them.
 import copy, json, math, os, subprocess, sys, time
 from ast import literal_eval
 from contextlib import nullcontext
-from dataclasses import asdict
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -128,13 +127,14 @@ def get_batch(it, micro, B=batch_size, r=rank):
 start_pt = os.path.join(out_dir, 'start.pt')  # FSDP: a child of rank 0 writes the weights here, every rank maps them
 read = (f'import sys, torch; sys.path[0] = {os.path.dirname(__file__)!r}; import model; m = model.GPT.from_pretrained('
         f'*{locate(name)!r}); torch.save(dict(model=m.state_dict(), model_args=vars(m.config)), {start_pt!r})')
-if fsdp and master and subprocess.run([sys.executable, '-c', read]).returncode:  # transformers stays in the child
-    sys.exit(f'{name}: not loaded (the error above)')
+fsdp and master and subprocess.run([sys.executable, '-c', read], check=True)  # transformers stays in the child
 fsdp and dist.barrier()  # start_pt is whole
-whole = lambda: torch.load(start_pt, mmap=True, weights_only=True)  # mapped, not read: pages are read as used
+src = torch.load(start_pt, mmap=True, weights_only=True) if fsdp else GPT.from_pretrained(*locate(name))
+fsdp and dist.barrier()  # all have mapped it: the file can go (its pages stay until del src), so no error leaves it
+master and fsdp and os.remove(start_pt)
 one_shot, kd = method in ('magnitude', 'wanda', 'sparsegpt'), w_kl > 0 and max_iters > 0
 with torch.device('meta' if fsdp else 'cpu'):  # meta: no memory; FSDP fills the shards below
-    model = GPT(GPTConfig(**whole()['model_args'])) if fsdp else GPT.from_pretrained(*locate(name)).to(device)
+    model = GPT(GPTConfig(**src['model_args'])) if fsdp else src.to(device)
 if block_size > model.config.block_size:
     sys.exit(f"--block_size={block_size} is not valid: the model's context is {model.config.block_size}")
 teacher = copy.deepcopy(model).eval().requires_grad_(False) if kd else None  # the dense start, frozen
@@ -152,15 +152,15 @@ if fsdp:  # built on the meta device, sharded, then every rank takes its rows of
         assert pattern != 'block16' or -(-l.weight.size(0) // world) % 16 == 0, 'FSDP block16: ranks must get whole bands'
         l.mask, l.proj = (torch.nn.Parameter(t, requires_grad=False) for t in (l.mask, l.proj))
     model.transformer.wte.sparse = model.config.tie  # tied: the lookup's gradient as rows, not a vocab x C copy
-    for m in [model, teacher] if teacher else [model]:
+    for m in [model, teacher] if teacher else [model]:  # a copy of src each: set_model_state_dict writes into it
         for mod in [*m.transformer.h, m]:  # the root too: else the teacher's embedding is held through the backward
             fully_shard(mod, mp_policy=MixedPrecisionPolicy(getattr(torch, dtype), torch.float32),
                         reshard_after_forward=True)
         m.to_empty(device=device)
-        dcp.set_model_state_dict(m, whole()['model'], options=dcp.StateDictOptions(full_state_dict=True, strict=False))
+        dcp.set_model_state_dict(m, {**src['model']}, options=dcp.StateDictOptions(full_state_dict=True, strict=False))
     for l in layers:  # the mask state is not in start_pt (strict=False): m = 1
         l.reset()
-    master and os.remove(start_pt)  # every rank has mapped it (set_model_state_dict is collective)
+    del src
 elif ddp:  # buffers (mask, hess, x_sq) are kept equal by all-reduces (mask.py, the loop), not broadcast every forward
     model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
 params = [p for p in model.parameters() if p.requires_grad]
@@ -205,7 +205,7 @@ def loss_fn(m, X, Y):
 
 def save():  # every rank gathers one whole tensor at a time (a collective under FSDP), rank 0 writes each in place
     msd, osd = dcp.get_state_dict(model, optimizer)  # under FSDP this rank's shards: nothing is gathered yet
-    state = dict(model=msd, optimizer=osd, model_args=asdict(raw_model.config), iter_num=iter_num, config=config)
+    state = dict(model=msd, optimizer=osd, model_args=vars(raw_model.config), iter_num=iter_num, config=config)
     tensors, tmp = [t for t in tree_leaves(state) if torch.is_tensor(t)], ckpt_path + '.tmp'
     if master:  # the file without the tensors' bytes (empty tensors take no memory), then where each one's bytes go
         with torch.serialization.skip_data():

@@ -168,7 +168,8 @@ def test_fsdp_matches_ddp_and_resumes_exactly(work):
     assert len(losses(fs)) == 6 and all(abs(float(x) - float(losses(ddp)[i])) < 2e-4 for i, x in losses(fs).items())
     assert losses(first) | losses(second) == losses(fs) and ppl(second, 'final') == ppl(fs, 'final')
     a, b, c = (torch.load(work / d / 'ckpt.pt', weights_only=True)['model'] for d in ('fsdp_ddp', 'fsdp', 'fsdp_split'))
-    assert a.keys() == b.keys() == c.keys() and not list(work.glob('fsdp*/start.pt'))  # the loaded weights' file: gone
+    assert a.keys() == b.keys() == c.keys()
+    assert not list(work.glob('fsdp*/start.pt'))  # the weights' file, deleted once every rank has mapped it
     for k in a:
         assert torch.equal(b[k], c[k]) and (torch.equal(a[k], b[k]) if k.endswith(('mask', 'proj'))
                                              else torch.allclose(a[k], b[k], atol=1e-6)), k
