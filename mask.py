@@ -1,6 +1,6 @@
 """SparseForge's soft mask (paper 4.2-4.3, SPEC 2-9) as a module swap: sparsify() swaps every decoder nn.Linear for a
 SparseLinear; train.py calls update() (Eq. 3-5) every mask_interval steps, finalize() at hard_end; one_shot() runs the
-magnitude / Wanda / SparseGPT baselines. State: fp32 buffers (FSDP: mask, proj frozen Parameters, each rank's rows)."""
+magnitude / Wanda / SparseGPT baselines. Mask state: fp32 buffers (FSDP: mask, proj frozen Parameters, by rows)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
