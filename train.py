@@ -149,7 +149,7 @@ for block in [*model.transformer.h, *(teacher.transformer.h if teacher else [])]
     block.forward = torch.compile(block.forward)  # blocks only: FSDP's and DDP's hooks stay outside the graphs
 if fsdp:  # built on the meta device, sharded, then every rank takes its rows of start_pt: host memory ~1/world each
     for l in layers:  # FSDP shards Parameters, not buffers: mask and proj become frozen Parameters, sharded like W
-        assert pattern != 'block16' or -(-l.weight.size(0) // world) % 16 == 0, 'FSDP block16: ranks must get whole bands'
+        assert pattern != 'block16' or -(-l.weight.size(0) // world) % 16 == 0, 'FSDP block16: whole bands per rank'
         l.mask, l.proj = (torch.nn.Parameter(t, requires_grad=False) for t in (l.mask, l.proj))
     model.transformer.wte.sparse = model.config.tie  # tied: the lookup's gradient as rows, not a vocab x C copy
     for m in [model, teacher] if teacher else [model]:  # a copy of src each: set_model_state_dict writes into it
