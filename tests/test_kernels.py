@@ -1,6 +1,6 @@
 """
 Packed formats round-trip exactly; Triton kernels == PyTorch twins == dense matmul; module swap is a no-op.
-On CPU the kernels run in the Triton interpreter (set before `import kernels`); on CUDA they run for real.
+On CPU the kernels run in the Triton interpreter (set before `import sparse_kernels`); on CUDA they run for real.
 
     python -m pytest tests/test_kernels.py -q
 """
@@ -18,12 +18,12 @@ sys.path.insert(0, str(ROOT))
 cuda = torch.cuda.is_available()
 if not cuda:
     os.environ['TRITON_INTERPRET'] = '1'  # read when the kernels are decorated, i.e. at import
-import kernels
+import sparse_kernels as sk
 from conftest import generate
 
 dev = 'cuda' if cuda else 'cpu'
 gpu = pytest.mark.skipif(not cuda, reason='needs CUDA')
-pytestmark = pytest.mark.skipif(not (cuda or kernels.INTERPRET), reason='kernels was imported before TRITON_INTERPRET=1')
+pytestmark = pytest.mark.skipif(not (cuda or sk.INTERPRET), reason='sparse_kernels was imported before TRITON_INTERPRET=1')
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if cuda else [])  # bf16 is garbage in the interpreter
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -51,21 +51,21 @@ def rel_err(y, ref):
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
 def test_roundtrip(dtype):
     w = sparse24(32, 100, dtype)  # 25 groups: meta's last byte is half padding
-    vals, meta = kernels.pack24(w)
+    vals, meta = sk.pack24(w)
     assert vals.shape == (32, 50) and meta.shape == (32, 13) and meta.dtype == torch.uint8
-    assert torch.equal(kernels.unpack24(vals, meta), w)
+    assert torch.equal(sk.unpack24(vals, meta), w)
     w = sparse16(64, 96, dtype)
-    tiles, cols = kernels.pack_block16(w)
+    tiles, cols = sk.pack_block16(w)
     assert tiles.shape[:2] == cols.shape and cols.shape[0] == 4 and cols.dtype == torch.int32
-    assert torch.equal(kernels.unpack_block16(tiles, cols, 96), w)
+    assert torch.equal(sk.unpack_block16(tiles, cols, 96), w)
 
 def test_pack_errors():
     w = sparse24(32, 64, torch.float32)
     w[3, 8:11] = 1.  # 3 nonzeros in one group
     with pytest.raises(ValueError, match=r'not 2:4: 1 of 512 groups'):
-        kernels.pack24(w)
+        sk.pack24(w)
     with pytest.raises(ValueError, match='% 16'):
-        kernels.pack_block16(torch.zeros(24, 64))
+        sk.pack_block16(torch.zeros(24, 64))
 
 # (lead dims of x, D, C): M = 1 (decode), odd M, M above one 16-row block, 3-D x, C not a multiple of the K step
 SHAPES = [((1,), 32, 64), ((3,), 48, 96), ((17,), 32, 128), ((2, 5), 48, 64), ((70,), 32, 112)]
@@ -75,8 +75,8 @@ SHAPES = [((1,), 32, 64), ((3,), 48, 96), ((17,), 32, 128), ((2, 5), 48, 64), ((
 @pytest.mark.parametrize('pattern', ['2:4', 'block16'])
 def test_matmul(pattern, lead, D, C, dtype):
     make, pack, kernel, twin = {
-        '2:4': (sparse24, kernels.pack24, kernels.matmul24, kernels.matmul24_ref),
-        'block16': (sparse16, kernels.pack_block16, kernels.matmul_block16, kernels.matmul_block16_ref)}[pattern]
+        '2:4': (sparse24, sk.pack24, sk.matmul24, sk.matmul24_ref),
+        'block16': (sparse16, sk.pack_block16, sk.matmul_block16, sk.matmul_block16_ref)}[pattern]
     w = make(D, C, dtype)
     x = torch.randn(*lead, C, device=dev, dtype=dtype)
     for b in (None, torch.randn(D, device=dev, dtype=dtype)):
@@ -111,9 +111,9 @@ def test_pack_model(pattern):
     x = torch.randn(2, 5, 64, device=dev)
     with torch.no_grad():
         y = model(x)
-        kernels.pack_model(model, pattern)
+        sk.pack_model(model, pattern)
         y_packed = model(x)
-    assert isinstance(model.transformer.h[0][0], kernels.PackedLinear) and type(model.lm_head) is nn.Linear
+    assert isinstance(model.transformer.h[0][0], sk.PackedLinear) and type(model.lm_head) is nn.Linear
     assert not any(k.endswith('weight') for k in model.transformer.h.state_dict())  # only packed buffers
     assert rel_err(y_packed, y.double()) < 1e-5
 
@@ -133,14 +133,14 @@ def test_finalised_model_decodes_the_same_packed(pattern):
     mask.merge(model)
     idx = torch.randint(0, 64, (2, 5), device=dev)
     dense_logits, ref = model(idx)[0], generate(model, idx, 6)
-    kernels.pack_model(model, pattern)
+    sk.pack_model(model, pattern)
     assert not any(hasattr(m, 'mask') for m in model.modules())  # packed weights only
     assert torch.allclose(model(idx)[0], dense_logits, atol=1e-4) and torch.equal(generate(model, idx, 6), ref)
 
 def test_cpu_without_interpreter_uses_twin():
     # without TRITON_INTERPRET a Triton launch on CPU would fail, so this passing means the twin ran
-    code = ("import torch, torch.nn as nn, kernels; l = nn.Linear(64, 32); l.weight.data.view(32, 16, 4)[..., :2] = 0; "
-            "x = torch.randn(3, 64); assert torch.allclose(kernels.PackedLinear(l, '2:4')(x), l(x))")
+    code = ("import torch, torch.nn as nn, sparse_kernels as sk; l = nn.Linear(64, 32); l.weight.data.view(32, 16, 4)[..., :2] = 0; "
+            "x = torch.randn(3, 64); assert torch.allclose(sk.PackedLinear(l, '2:4')(x), l(x))")
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, check=True)
 
@@ -149,6 +149,6 @@ def test_decode_faster_than_dense():
     # M = 1 is memory-bound: reading 9/16 of the bytes should beat cuBLAS (ideal 1.78x)
     from triton.testing import do_bench
     w, x = sparse24(11008, 4096, torch.float16), torch.randn(1, 4096, device=dev, dtype=torch.float16)
-    vals, meta = kernels.pack24(w)
-    dense, sparse = do_bench(lambda: x @ w.T), do_bench(lambda: kernels.matmul24(x, vals, meta))
+    vals, meta = sk.pack24(w)
+    dense, sparse = do_bench(lambda: x @ w.T), do_bench(lambda: sk.matmul24(x, vals, meta))
     assert sparse < dense, f'2:4 kernel {sparse * 1e3:.1f} us vs dense {dense * 1e3:.1f} us'

@@ -1,6 +1,6 @@
 """Packed sparse Linear for inference: y = x @ W.T reading only the compressed weight W [D, C] (out, in).
 
-    model = kernels.pack_model(model, '2:4')  # or 'block16'; decoder Linears must already hold exact zeros
+    model = sparse_kernels.pack_model(model, '2:4')  # or 'block16'; decoder Linears must already hold exact zeros
 
 2:4      vals [D, C/2] + meta [D, ceil(C/8)] uint8: per group of 4 along C a 4-bit code i0 | i1 << 2
          (kept positions, i0 < i1), two groups a byte. fp16: 9/16 of the dense bytes.

@@ -3,7 +3,7 @@ Sparse matmul kernels vs dense cuBLAS on LLaMA-7B Linear shapes, fp16 and bf16. 
 cuSPARSELt). Times are GPU-only: each op runs inside a CUDA graph (as a compiled decode loop would, no Python
 launch overhead) over enough weight copies that nothing is served from L2 (as in a real model's layers).
 
-    python bench/kernels.py
+    python bench/kernel_speed.py
 """
 import math
 import sys
@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's kernels.py, not this file
-import kernels
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: sparse_kernels.py
+import sparse_kernels as sk
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (D, C) = (out, in): attention / MLP up, gate / MLP down
 MS = [1, 4, 16, 64, 512, 4096]                         # tokens per matmul: decode batch ... prefill
@@ -60,8 +60,8 @@ def check(dtype):
     w24, w16 = sparse_weights(4096, 4096, dtype)
     for M in (1, 64):
         x = torch.randn(M, 4096, device='cuda', dtype=dtype)
-        for w, y in ((w24, kernels.matmul24(x, *kernels.pack24(w24))),
-                     (w16, kernels.matmul_block16(x, *kernels.pack_block16(w16)))):
+        for w, y in ((w24, sk.matmul24(x, *sk.pack24(w24))),
+                     (w16, sk.matmul_block16(x, *sk.pack_block16(w16)))):
             ref = x.float() @ w.float().T
             err = ((y.float() - ref).norm() / ref.norm()).item()
             assert err < 1e-2, f"kernel disagrees with dense: rel err {err:.2e} at M={M} {dtype}"
@@ -92,16 +92,16 @@ def bench_matmuls():
             w24, w16 = sparse_weights(D, C, dtype)
             n = math.ceil(L2_BYTES / (D * C * e))  # weight copies per graph
             dense = [w24.clone() for _ in range(n)]
-            p24 = [kernels.pack24(w) for w in dense]
-            p16 = [kernels.pack_block16(w16.clone()) for _ in range(n)]
+            p24 = [sk.pack24(w) for w in dense]
+            p16 = [sk.pack_block16(w16.clone()) for _ in range(n)]
             for M in MS:
                 x = torch.randn(M, C, device='cuda', dtype=dtype)
                 io = (M * C + M * D) * e  # activation bytes in and out
                 pct = lambda nbytes, us: 100 * (nbytes + io) / us / 1e3 / bw
                 t_d = time_us(lambda w: x @ w.T, [(w,) for w in dense])
-                t_24 = time_us(lambda v, m: kernels.matmul24(x, v, m), p24)
+                t_24 = time_us(lambda v, m: sk.matmul24(x, v, m), p24)
                 t_cs = cusparselt_us(x, dense)
-                t_16 = time_us(lambda t, c: kernels.matmul_block16(x, t, c), p16)
+                t_16 = time_us(lambda t, c: sk.matmul_block16(x, t, c), p16)
                 b24 = p24[0][0].numel() * e + p24[0][1].numel()
                 b16 = p16[0][0].numel() * e + p16[0][1].numel() * 4
                 cs = f"{t_cs:9.1f} {t_d / t_cs:5.2f}" if t_cs else f"{'n/a':>9} {'':>5}"
@@ -137,7 +137,7 @@ def bench_decode(n_layer=32, new_tokens=128, dtype=torch.float16):
     print(f"\nend-to-end decode, batch 1, {n_layer} LLaMA-7B layers, {new_tokens} new tokens, {dtype}")
     for name in ('dense', '2:4'):
         if name == '2:4':
-            kernels.pack_model(model, '2:4')
+            sk.pack_model(model, '2:4')
         nbytes = sum(t.numel() * t.element_size() for t in list(model.transformer.h.parameters())
                      + list(model.transformer.h.buffers()))
         generate(model, idx, 8)  # warmup: Triton compiles
@@ -153,7 +153,7 @@ def bench_decode(n_layer=32, new_tokens=128, dtype=torch.float16):
 
 def main():
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py times CUDA kernels and needs a CUDA GPU; on CPU run: python -m pytest tests/test_kernels.py")
+        sys.exit("bench/kernel_speed.py times CUDA kernels and needs a CUDA GPU; on CPU run: python -m pytest tests/test_kernels.py")
     torch.manual_seed(0)
     bench_matmuls()
     bench_decode()
