@@ -6,6 +6,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 
+def valid(pattern):  # 'block16', or 'N:M' with 0 < N < M
+    n, _, m = pattern.partition(':')
+    return pattern == 'block16' or n.isdigit() and m.isdigit() and 0 < int(n) < int(m)
+
 def groups(t, pattern):
     """View a (D, C) tensor as competition groups (G, M) with N winners per row: 'N:M' -> M consecutive entries
     along C; 'block16' -> a row per 16-row band, an entry per 16x16 tile (summed), half of them kept."""
@@ -52,7 +56,8 @@ class SparseLinear(nn.Module):
     def __init__(self, linear, pattern, score='hessian'):
         super().__init__()
         D, C = linear.weight.shape
-        self.weight, self.bias, self.pattern, self.estimate = linear.weight, linear.bias, pattern, False
+        self.weight, self.bias, self.pattern = linear.weight, linear.bias, pattern
+        self.collect, self.estimate = True, False  # set by train.py: input statistics, Fisher estimate this step
         new = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=linear.weight.device)
         self.register_buffer('mask', new(D, C))  # m in [0, 1]
         self.register_buffer('proj', new(D, C))  # Proj(m), refreshed with m
@@ -63,12 +68,13 @@ class SparseLinear(nn.Module):
 
     def reset(self):  # the start: m = Proj(m) = 1 (the student is the dense teacher), no statistics yet
         for t, v in ((self.mask, 1), (self.proj, 1), (self.hess, 0), (self.x_sq, 0), (self.x, 1)):
-            t is None or t.fill_(v)  # hess is None unless score == 'hessian'
+            if t is not None:  # hess is None unless score == 'hessian'
+                t.fill_(v)
 
     def forward(self, x):
-        if self.training:  # running mean of x_j^2 for the wanda score
+        if self.training and self.collect:  # running mean of x_j^2 for the wanda score, while the mask can change
             self.x_sq.lerp_(x.detach().float().pow(2).flatten(0, -2).mean(0), 0.02)
-        hess = self.hess if self.estimate else None  # set by train.py: this step's backward updates the Fisher EMA
+        hess = self.hess if self.estimate else None  # this step's backward updates the Fisher EMA
         return MaskedLinear.apply(x, self.weight, self.mask, self.proj, self.x, self.bias, hess)
 
 def sparsify(model, pattern, score='hessian'):
@@ -108,7 +114,8 @@ def update(layers, kind, T, beta, lam, alpha=0.1, diag=False):
     for l in layers:
         g, N = groups(score(l, kind), l.pattern)
         s = torch.stack([g.new_tensor(g.numel()), g.sum(), g.square().sum()]).double()
-        dist.is_initialized() and dist.all_reduce(s)  # the layer's moments over all ranks' rows (FSDP; DDP's agree)
+        if dist.is_initialized():  # the layer's moments over all ranks' rows (FSDP; DDP's agree)
+            dist.all_reduce(s)
         mean, std = s[1] / s[0], (s[2] / s[0] - (s[1] / s[0]) ** 2).clamp(min=0).sqrt()
         z = (g - mean.float()) / (std.float() + 1e-6)  # layer-wise standardisation: T gets a fixed scale
         hard, order = topn(z, N)

@@ -82,4 +82,7 @@ if __name__ == '__main__':
     p.add_argument('dataset', help='pydoc | wikitext2 | c4 | boolq | path to a text file')
     p.add_argument('--model', required=True, help='gpt2* | smollm2 | a .gguf file | a hub name or HF dir')
     p.add_argument('--tokens', type=int, default=10_000_000, help='cap on train tokens (val: a tenth)')
-    prepare(**vars(p.parse_args()))
+    a = p.parse_args()
+    if a.tokens <= 0:
+        raise SystemExit(f'--tokens={a.tokens} is not valid: it must be > 0')
+    prepare(**vars(a))

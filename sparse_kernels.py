@@ -78,10 +78,11 @@ def _matmul24_kernel(x_ptr, v_ptr, m_ptr, y_ptr, M, D, C, CM,
 
 # x [..., C] -> y [..., D]. Decode (M <= 16) is memory-bound: thin programs (BN = 16 rows of W, to fill the SMs), long
 # K steps (BM = 16 is tl.dot's minimum); block sizes are an untuned guess. fp32 is exact ('ieee'), not tf32.
+DECODE, PREFILL = (16, 16, 256), (64, 64, 64)  # (BM, BN, BK) for M <= 16 and above (bench/kernel_speed.py compiles both)
 def matmul24(x, vals, meta, bias=None):
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     (M, C), D = x2.shape, len(vals)
-    BM, BN, BK = (16, 16, 256) if M <= 16 else (64, 64, 64)
+    BM, BN, BK = DECODE if M <= 16 else PREFILL
     y = torch.empty(M, D, dtype=x.dtype, device=x.device)
     prec = 'ieee' if x.dtype == torch.float32 else 'tf32'
     _matmul24_kernel[triton.cdiv(M, BM), triton.cdiv(D, BN)](x2, vals, meta, y, M, D, C, len(meta[0]), prec, BM, BN, BK)

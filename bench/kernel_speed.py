@@ -1,20 +1,59 @@
 """
-Sparse matmul kernels vs dense cuBLAS on LLaMA-7B Linear shapes, fp16 and bf16. Needs a CUDA GPU (sm80+ for
-cuSPARSELt). Times are GPU-only: each op runs inside a CUDA graph (as a compiled decode loop would, no Python
-launch overhead) over enough weight copies that nothing is served from L2 (as in a real model's layers).
+The 2:4 Triton kernel compiled for sm_80 and sm_90 without a GPU (registers, spills, shared memory per launch
+configuration, from the cubin); then, on a CUDA GPU, sparse matmul kernels vs dense cuBLAS on LLaMA-7B Linear shapes
+in fp16 and bf16 (sm80+ for cuSPARSELt), and batch-1 decode of a LLaMA-7B-shaped model. Times are GPU-only: each op
+runs inside a CUDA graph (as a compiled decode loop would, no Python launch overhead) over enough weight copies that
+nothing is served from L2 (as in a real model's layers).
 
     python bench/kernel_speed.py
 """
 import math
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: sparse_kernels.py
 import sparse_kernels as sk
+from eval import generate
+
+SHARED_LIMIT = {80: 166_912, 90: 232_448}  # bytes of shared memory one block may use: A100 163 KB, H100 227 KB
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')
+
+def compiled(cc, dtype, blocks):
+    """The 2:4 kernel compiled for sm_<cc> as matmul24 launches it, with Triton's bundled ptxas, no GPU needed:
+    (registers per thread, spilled bytes per thread, shared memory bytes per block), read from the cubin."""
+    t = {torch.float16: 'fp16', torch.bfloat16: 'bf16', torch.float32: 'fp32'}[dtype]
+    sig = dict(x_ptr=f'*{t}', v_ptr=f'*{t}', m_ptr='*u8', y_ptr=f'*{t}', M='i32', D='i32', C='i32', CM='i32',
+               PREC='constexpr', BM='constexpr', BN='constexpr', BK='constexpr')
+    consts = dict(PREC='ieee' if t == 'fp32' else 'tf32', BM=blocks[0], BN=blocks[1], BK=blocks[2])
+    fn = triton.JITFunction(sk._matmul24_kernel.fn)  # the plain function: also when TRITON_INTERPRET=1 wrapped it
+    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget('cuda', cc, 32))
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, 'k.cubin'), 'wb') as f:
+            f.write(k.asm['cubin'])
+        out = subprocess.run([CUOBJDUMP, '-res-usage', f.name], capture_output=True, text=True, check=True).stdout
+    use = {key: int(v) for key, v in re.findall(r'(\w+):(\d+)', out)}  # REG, STACK, SHARED (static), LOCAL, ...
+    return use['REG'], use['LOCAL'] + use['STACK'], k.metadata.shared + use['SHARED']
+
+def compile_report():
+    print('2:4 kernel compiled without a GPU (Triton {}): registers / spilled bytes per thread, shared memory per block'
+          .format(triton.__version__))
+    for cc in SHARED_LIMIT:
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for name, blocks in (('decode', sk.DECODE), ('prefill', sk.PREFILL)):
+                regs, spilled, shared = compiled(cc, dtype, blocks)
+                print(f'  sm_{cc} {str(dtype)[6:]:8} {name:7} BM,BN,BK={blocks}: {regs:3d} registers, {spilled} bytes '
+                      f'spilled, {shared:,} bytes shared (limit {SHARED_LIMIT[cc]:,})')
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (D, C) = (out, in): attention / MLP up, gate / MLP down
 MS = [1, 4, 16, 64, 512, 4096]                         # tokens per matmul: decode batch ... prefill
@@ -109,18 +148,6 @@ def bench_matmuls():
                       f"{pct(b24, t_24):4.0f} | {cs} | {t_16:8.1f} {t_d / t_16:5.2f} {pct(b16, t_16):4.0f}")
             del dense, p24, p16
 
-@torch.no_grad()
-def generate(model, idx, new_tokens):
-    # greedy decoding with model.forward's KV cache: one prefill of idx (B, T), then one token a step
-    c = model.config
-    cache = [[model.lm_head.weight.new_zeros(idx.size(0), c.n_kv_head, idx.size(1) + new_tokens, c.head_dim)
-              for _ in 'kv'] for _ in range(c.n_layer)]
-    logits, _ = model(idx, cache=cache)
-    for _ in range(new_tokens):
-        idx = torch.cat((idx, logits[:, -1:].argmax(-1)), dim=1)
-        logits, _ = model(idx[:, -1:], cache=cache, pos=idx.size(1) - 1)
-    return idx
-
 def bench_decode(n_layer=32, new_tokens=128, dtype=torch.float16):
     """End-to-end greedy decode at batch 1 with a KV cache: LLaMA-7B-shaped model with random weights,
     dense vs every decoder Linear packed 2:4 (magnitude pattern). Prints tokens/s and decoder weight memory."""
@@ -152,8 +179,9 @@ def bench_decode(n_layer=32, new_tokens=128, dtype=torch.float16):
     print(f"greedy tokens equal to dense: {(out == ref).float().mean().item():.2%}")
 
 def main():
+    compile_report()
     if not torch.cuda.is_available():
-        sys.exit("bench/kernel_speed.py times CUDA kernels and needs a CUDA GPU; on CPU run: python -m pytest tests/test_kernels.py")
+        sys.exit('no CUDA GPU here: the timings need one (on CPU: python -m pytest tests/test_kernels.py)')
     torch.manual_seed(0)
     bench_matmuls()
     bench_decode()

@@ -1,13 +1,12 @@
 """
-Memory of train.py on CPU (gloo): the peak resident memory (VmHWM) of every rank, loaded / trained / with the save,
-for one process, DDP on 2 ranks and FSDP on 2 and 4 ranks, each for 2 iterations of the embedded default
-(SmolLM2-135M, KD teacher, wanda score, m = 1); the bytes one sparse layer keeps for its backward against an nn.Linear;
-and what one LLaMA-2-7B-shaped block keeps per token (the README's 7B table). A thin driver like bench/tokens.py:
-each run is `train.py` in a subprocess whose ranks report their own VmHWM.
+Memory of train.py on CPU (gloo): every rank's peak resident memory over the whole run (/usr/bin/time's %M: load,
+2 iterations, the checkpoint save), for one process, DDP on 2 ranks and FSDP on 2 and 4 ranks, with glibc's default
+allocator and with a fixed mmap threshold; the bytes one sparse layer keeps for its backward against an nn.Linear;
+and what one LLaMA-2-7B-shaped block keeps per token (the README's 7B table). Each run is `train.py` in a subprocess
+(the embedded default, SmolLM2-135M with its KD teacher, from m = 1 as FSDP starts).
 
     python prepare.py pydoc --model=smollm2 && python bench/memory.py     # ~20 minutes on the 2-core CPU machine
-    python bench/memory.py --extra="--batch_size=1 --block_size=32"       # almost no activations: the state
-    python bench/memory.py --train=../old/train.py --extra=--baselines=False   # another version (a0a38dd: before)
+    python bench/memory.py --extra="--batch_size=4 --block_size=256"      # the default batch: activations dominate
 """
 import argparse, os, re, subprocess, sys, tempfile
 import torch
@@ -20,53 +19,38 @@ import mask as sf
 from model import GPT, GPTConfig
 
 p = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0])
-p.add_argument('--train', default=os.path.join(ROOT, 'train.py'), help='the train.py to measure')
 p.add_argument('--modes', default='1,ddp2,fsdp2,fsdp4', help='1 (one process), ddpN, fsdpN')
 p.add_argument('--tokens', type=int, default=512, help='tokens through the LLaMA-2-7B-shaped block')
-p.add_argument('--extra', default='', help='more train.py --key=value arguments, given to every run')
+p.add_argument('--extra', default='--batch_size=1 --block_size=32', help='more train.py arguments, for every run')
 a = p.parse_args()
-# every rank prints its peak resident memory (VmHWM from /proc/self/status) three times: when train.py builds its
-# optimizer (the model loaded, and sharded under FSDP), when it first gathers a checkpoint (trained), and at exit
-WRAP = ("import atexit, os, runpy, sys, torch, torch.distributed.checkpoint.state_dict as dcp\n"
-        "hwm, peak = lambda: open('/proc/self/status').read().split('VmHWM:')[1].split()[0], []\n"
-        "init, get = torch.optim.AdamW.__init__, dcp.get_state_dict\n"
-        "torch.optim.AdamW.__init__ = lambda *a, **k: peak.append(hwm()) or init(*a, **k)\n"
-        "dcp.get_state_dict = lambda *a, **k: peak.append(hwm()) or get(*a, **k)\n"
-        "line = lambda: f'\\nVmHWM rank {os.environ.get(\"RANK\", 0)}: {peak[0]} {peak[1]} {hwm()} kB\\n'.encode()\n"
-        "atexit.register(lambda: os.write(1, line()))  # one write: never split by another rank's output\n"
-        "sys.argv = sys.argv[1:]\n"
-        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-# glibc keeps freed buffers below its (adaptive) mmap threshold in the heap: a fixed threshold makes VmHWM count the
-# tensors alive at once, not the allocator's history (a GPU run keeps training tensors off the host anyway)
-env = {'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', 'MALLOC_MMAP_THRESHOLD_': '131072', **os.environ}
+# glibc keeps freed buffers below its adaptive mmap threshold in the heap, so a process's peak then counts the
+# allocator's history too; a fixed threshold returns them, and the peak counts the tensors alive at once
+ALLOCATORS = {'glibc default': {}, 'MALLOC_MMAP_THRESHOLD_=131072': {'MALLOC_MMAP_THRESHOLD_': '131072'}}
 rows = []
-for mode in a.modes.split(','):
-    n = int(re.sub(r'\D', '', mode))
-    launch = [sys.executable] if n == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                                              f'--nproc_per_node={n}', '--no-python', sys.executable]
-    with tempfile.TemporaryDirectory() as out:
-        args = ['--max_iters=2', '--eval_interval=0', '--eval_tokens=2048', '--log_interval=1',
-                f'--gradient_accumulation_steps={n}', f'--out_dir={out}'] + ['--fsdp=True'] * mode.startswith('fsdp')
-        has_init = 'mask_init =' in open(a.train).read()  # a0a38dd's train.py has no such key
-        args += ['--mask_init=dense'] * has_init  # m = 1: FSDP's start
-        args += a.extra.split()
-        cwd = os.path.dirname(os.path.abspath(a.train))  # that train.py imports its own model.py and mask.py
-        r = subprocess.run(launch + ['-c', WRAP, a.train] + args, cwd=cwd, env=env, capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f'{mode} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}')
-    found = sorted(re.findall(r'^VmHWM rank (\d+): (\d+) (\d+) (\d+) kB', r.stdout, re.M))
-    assert len(found) == n, f'{mode}: {len(found)} of {n} ranks reported their memory'
-    peaks = [[int(kb) / 2**20 for kb in kbs] for _, *kbs in found]  # GB per rank: loaded, trained, with the save
-    losses = ' '.join(re.findall(r'^iter \d+: loss (\S+)', r.stdout, re.M))
-    rows.append((mode, peaks, losses))
-    print(f'{mode}: peak GB per rank (loaded / trained / with the save) '
-          + ', '.join(' / '.join(f'{g:.2f}' for g in p) for p in peaks) + f'; losses {losses}', flush=True)
-print(f'\n{"mode":<7}{"ranks":>6}' + ''.join(f'{h:>11}{"x one":>7}' for h in ('loaded', 'trained', 'saved'))
-      + '   losses  (GB, the rank with the most)')
-one = [max(p) for p in zip(*rows[0][1])]
-for mode, peaks, losses in rows:
-    top = [max(p) for p in zip(*peaks)]
-    print(f'{mode:<7}{len(peaks):>6}' + ''.join(f'{t:>11.2f}{t / o:>7.2f}' for t, o in zip(top, one)) + f'   {losses}')
+for alloc, malloc_env in ALLOCATORS.items():
+    for mode in a.modes.split(','):
+        n = int(re.sub(r'\D', '', mode))
+        launch = [] if n == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                                    f'--nproc_per_node={n}', '--no-python']
+        env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', **malloc_env}
+        with tempfile.TemporaryDirectory() as out:
+            args = ['--max_iters=2', '--eval_interval=0', '--eval_tokens=2048', '--log_interval=1',
+                    '--mask_init=dense', f'--gradient_accumulation_steps={n}', f'--out_dir={out}']
+            args += ['--fsdp=True'] * mode.startswith('fsdp') + a.extra.split()
+            timed = ['/usr/bin/time', '-f', 'peak resident %M kB', sys.executable, os.path.join(ROOT, 'train.py')]
+            r = subprocess.run(launch + timed + args, env=env, capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f'{mode} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}')
+        peaks = [int(kb) / 2**20 for kb in re.findall(r'peak resident (\d+) kB', r.stderr)]  # GB, one per rank
+        assert len(peaks) == n, f'{mode}: {len(peaks)} of {n} ranks reported their memory'
+        losses = ' '.join(re.findall(r'^iter \d+: loss (\S+)', r.stdout, re.M))
+        rows.append((alloc, mode, peaks, losses))
+        print(f'{alloc}, {mode}: peak GB per rank ' + ' '.join(f'{g:.2f}' for g in peaks) + f'; losses {losses}',
+              flush=True)
+print(f'\n{"allocator":<31}{"mode":<7}{"ranks":>6}{"peak GB":>9}{"x one":>7}   losses  (the rank with the most)')
+for alloc, mode, peaks, losses in rows:
+    one = max(next(p for al, m, p, _ in rows if al == alloc and m == '1'))
+    print(f'{alloc:<31}{mode:<7}{len(peaks):>6}{max(peaks):>9.2f}{max(peaks) / one:>7.2f}   {losses}')
 
 def saved_bytes(f, module, x):
     """Bytes that f(x) keeps for the backward beyond module's own parameters and buffers (alive anyway)."""

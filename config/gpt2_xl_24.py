@@ -3,7 +3,7 @@
 #   python prepare.py c4 --model=openai-community/gpt2-xl --tokens=1300000000
 #   torchrun --standalone --nproc_per_node=8 train.py config/gpt2_xl_24.py
 # Tokens: 8 sequences * 1024 * 8 accumulation steps = 65,536 per iteration; 19,073 iterations = 1.25B.
-# Then: python prepare.py wikitext2 --model=gpt2 && python eval.py out-gpt2-xl/ckpt.pt --data=data/wikitext2_gpt2/test.bin
+# Then: python prepare.py wikitext2 --model=gpt2 && python eval.py out-gpt2-xl --data=data/wikitext2_gpt2/test.bin
 #   (published WikiText-2 2:4 perplexity: SparseGPT 21.14, AST 18.33)
 init_from = 'openai-community/gpt2-xl'
 dataset = 'c4'

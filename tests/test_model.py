@@ -3,7 +3,8 @@ import pytest
 import torch
 import transformers
 from model import GPT
-from conftest import smollm2, generate
+from conftest import smollm2
+from eval import generate
 
 def tiny(kind):
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -89,4 +89,8 @@ def test_bad_input_is_one_clear_line(tmp_path, tiktoken_cache):
     (tmp_path / 'hello.txt').write_text('Hello world\n')  # offline, no cached BPE files: tiktoken would download them
     one_line_error(run('prepare.py', 'hello.txt', '--model=gpt2', cwd=tmp_path, env={'TIKTOKEN_CACHE_DIR': str(tmp_path)}),
                    "tiktoken can't download GPT-2's BPE files (offline?): set TIKTOKEN_CACHE_DIR")
+    one_line_error(run('prepare.py', 'hello.txt', '--model=gpt2', '--tokens=0', cwd=tmp_path), '--tokens=0 is not valid')
+    one_line_error(run('prepare.py', 'hello.txt', '--model=gpt2', '--tokens=1e3', cwd=tmp_path),
+                   "--tokens: invalid int value: '1e3'")
+    one_line_error(run('prepare.py', 'hello.txt', cwd=tmp_path), 'the following arguments are required: --model')
     assert not (tmp_path / 'data').exists()
