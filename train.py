@@ -34,14 +34,12 @@ learning_rate = 8e-4  # AdamW's peak
 min_lr = 8e-5  # the cosine's floor
 warmup = 0.15  # linear warmup over this fraction of max_iters
 weight_decay = 0.1  # AdamW, on 2-D parameters only
-beta1 = 0.9  # AdamW
-beta2 = 0.95  # AdamW
 grad_clip = 1.0  # max global gradient norm (0: off)
 w_task = 1.0  # L = w_task CE + w_kl tau^2 KL(teacher || student)
 w_kl = 1.0  # 0: no teacher
 kd_temp = 2.0  # tau
 # sparsity
-method = 'sparseforge'  # 'sparseforge', 'ast', 'dense' (KD fine-tune); one-shot, then fine-tune: 'magnitude', 'wanda', 'sparsegpt'
+method = 'sparseforge'  # or 'ast', 'dense' (KD fine-tune), one-shot then fine-tune: 'magnitude', 'wanda', 'sparsegpt'
 pattern = '2:4'  # 'N:M' (0 < N < M) or 'block16'
 mask_init = 'sparsegpt'  # the soft mask's start: one-shot 'sparsegpt' (N:M), 'wanda', 'magnitude'; 'dense': m = 1
 score = 'wanda'  # mask score: 'wanda' (OBD, layer Hessian), 'hessian' (per-position Fisher), 'magnitude'
@@ -51,8 +49,7 @@ mask_interval = 4  # steps between soft-mask updates
 mask_start = 0.025  # of max_iters: the first mask update
 hard_start = 0.10  # of max_iters: the structure blend and the quench start (Eq. 6)
 hard_end = 0.5  # of max_iters: the mask is binary and frozen from here (paper: 0.85)
-T0 = 1.0  # gate temperature at the first update (Eq. 3)
-gamma = 0.97  # T <- max(T_min, gamma T) at every update
+gamma = 0.97  # gate temperature T (Eq. 3): 1, then T <- max(T_min, gamma T) at every update
 T_min = 0.05
 alpha = 0.1  # mask EMA rate (Eq. 5)
 mid_penalty = 0.5  # eta * lambda_mid at its peak (Eq. 4)
@@ -74,7 +71,7 @@ for arg in sys.argv[1:]:  # a config file, or --key=value
         exec(open(arg).read())
         new = [k for k in set(globals()) - before if not k.startswith('_')]
         if unknown := [k for k in new if not callable(globals()[k]) and not isinstance(globals()[k], type(sys))]:
-            sys.exit(f'{arg} sets unknown config keys {sorted(unknown)}; the keys are the globals at the top of train.py')
+            sys.exit(f'{arg} sets unknown config keys {sorted(unknown)}; the keys are the globals atop train.py')
         continue
     key, val = arg.removeprefix('--').split('=', 1)
     if key not in config_keys:
@@ -93,12 +90,11 @@ start = {'sparseforge': mask_init}.get(method, method)  # the one-shot method th
 ddp = 'RANK' in os.environ
 rank = int(os.environ.get('RANK', 0))
 world = int(os.environ.get('WORLD_SIZE', 1))
-if method not in ('sparseforge', 'ast', 'dense', *ONE_SHOT):
-    sys.exit(f"--method={method!r} is not valid: use sparseforge, ast, dense, or one-shot {', '.join(ONE_SHOT)}")
-if mask_init not in ('dense', *ONE_SHOT):
-    sys.exit(f"--mask_init={mask_init!r} is not valid: use dense (m = 1) or one-shot {', '.join(ONE_SHOT)}")
-if score not in ('hessian', 'wanda', 'magnitude'):
-    sys.exit(f'--score={score!r} is not valid: use hessian, wanda or magnitude')
+CHOICES = dict(method=('sparseforge', 'ast', 'dense', *ONE_SHOT), mask_init=('dense', *ONE_SHOT),
+               score=('hessian', 'wanda', 'magnitude'), dtype=('float32', 'bfloat16', 'float16'))
+for k, choices in CHOICES.items():
+    if globals()[k] not in choices:
+        sys.exit(f'--{k}={globals()[k]!r} is not valid: use one of {", ".join(choices)}')
 if not sf.valid(pattern):
     sys.exit(f"--pattern={pattern!r} is not valid: use N:M with 0 < N < M (2:4, 4:8, 1:4) or block16")
 if start == 'sparsegpt' and pattern == 'block16':
@@ -107,17 +103,15 @@ if fsdp and not ddp:
     sys.exit('--fsdp=True shards the model over ranks: launch it with torchrun --nproc_per_node=N train.py ...')
 if fsdp and start in ONE_SHOT:
     sys.exit(f'--fsdp=True starts from m = 1: use --mask_init=dense (one-shot {start} runs in one process)')
-if fsdp and score == 'hessian':
-    sys.exit('--score=hessian does not run under FSDP yet: use --score=wanda, or DDP (--fsdp=False)')
 for k in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'log_interval', 'hess_interval',
-          'mask_interval', 'n_calib', 'learning_rate', 'kd_temp', 'T0', 'T_min', 'alpha', 'gamma'):
+          'mask_interval', 'n_calib', 'learning_rate', 'kd_temp', 'T_min', 'alpha', 'gamma'):
     if globals()[k] <= 0:
         sys.exit(f'--{k}={globals()[k]} is not valid: it must be > 0')
 for k in ('max_iters', 'eval_interval', 'eval_tokens', 'stop_iter', 'min_lr', 'weight_decay', 'grad_clip', 'w_task',
           'w_kl', 'mid_penalty', 'srste_decay'):
     if globals()[k] < 0:
         sys.exit(f'--{k}={globals()[k]} is not valid: it must be >= 0')
-for k in ('warmup', 'mask_start', 'hard_start', 'hard_end', 'alpha', 'gamma', 'beta1', 'beta2'):
+for k in ('warmup', 'mask_start', 'hard_start', 'hard_end', 'alpha', 'gamma'):
     if globals()[k] > 1:
         sys.exit(f'--{k}={globals()[k]} is not valid: it is a fraction, at most 1')
 if hard_start > hard_end:
@@ -129,8 +123,6 @@ if gradient_accumulation_steps % world:
              f'{world} ranks')
 if 0 < eval_tokens < block_size:
     sys.exit(f'--eval_tokens={eval_tokens} is not valid: at least one window of --block_size={block_size}, or 0: all')
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    sys.exit(f'--dtype={dtype!r} is not valid: use float32, bfloat16 or float16')
 if device.startswith('cuda') and not torch.cuda.is_available():
     sys.exit(f'--device={device}: no CUDA GPU here; use --device=cpu')
 config = {k: globals()[k] for k in config_keys}
@@ -148,9 +140,7 @@ log(f'tokens per iteration: {tokens_per_iter:,}, {max_iters} iterations: {tokens
 os.makedirs(out_dir, exist_ok=True)
 ctx = nullcontext() if device == 'cpu' else torch.autocast('cuda', dtype=getattr(torch, dtype))
 ckpt_path = os.path.join(out_dir, 'ckpt.json')
-ckpt = None
-if init_from == 'resume':
-    ckpt = read_checkpoint(ckpt_path, 'start a fresh run without --init_from=resume')
+ckpt = read_checkpoint(ckpt_path, 'start a fresh run without --init_from=resume') if init_from == 'resume' else None
 if not ckpt and os.path.exists(ckpt_path):  # never overwrite a run by accident
     sys.exit(f'{ckpt_path} exists: resume it with --init_from=resume, or use another --out_dir (or delete it)')
 name = config['init_from'] = ckpt['config']['init_from'] if ckpt else init_from  # the model, also when resuming
@@ -191,9 +181,11 @@ raw_model = model
 for block in [*model.transformer.h, *(teacher.transformer.h if teacher else [])] if compile else []:
     block.forward = torch.compile(block.forward)  # blocks only: FSDP's and DDP's hooks stay outside the graphs
 if fsdp:  # built on the meta device, sharded, then rank 0 broadcasts the weights and each rank keeps its rows
-    for l in layers:  # FSDP shards Parameters, not buffers: mask and proj become frozen Parameters, sharded like W
+    for l in layers:  # FSDP shards Parameters, not buffers: mask, proj (frozen) and hess become Parameters, like W
         assert pattern != 'block16' or -(-l.weight.size(0) // world) % 16 == 0, 'FSDP block16: whole bands per rank'
         l.mask, l.proj = (torch.nn.Parameter(t, requires_grad=False) for t in (l.mask, l.proj))
+        if score == 'hessian':  # its gradient is the Fisher estimate (mask.MaskedLinear), not for AdamW
+            l.hess = torch.nn.Parameter(l.hess)
     model.transformer.wte.sparse = model.config.tie  # tied: the lookup's gradient as rows, not a vocab x C copy
     full = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)  # no mask state in src
     for m in [model, teacher] if teacher else [model]:
@@ -207,15 +199,13 @@ if fsdp:  # built on the meta device, sharded, then rank 0 broadcasts the weight
 elif ddp:  # buffers (mask, hess, x_sq) are kept equal by all-reduces (mask.py, the loop), not broadcast every forward
     model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
 del src
-params = [p for p in model.parameters() if p.requires_grad]
+params = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith('.hess')]  # FSDP's hess: not
 optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                                {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
-                              lr=learning_rate, betas=(beta1, beta2), fused=device.startswith('cuda'))
+                              lr=learning_rate, betas=(0.9, 0.95), fused=device.startswith('cuda'))
 flat = dcp.StateDictOptions(flatten_optimizer_state_dict=True)  # one level of tensors, as safetensors files hold
 
-def state():
-    """The tensors to checkpoint: model and AdamW state, this rank's shards under FSDP (the hyperparameters of AdamW's
-    param_groups are the config's)."""
+def state():  # model and AdamW tensors, this rank's shards under FSDP (AdamW's hyperparameters are the config's)
     msd, osd = dcp.get_state_dict(model, optimizer, options=flat)
     return msd, osd, tensors(msd | osd, raw_model.config)
 
@@ -230,11 +220,10 @@ def clean(keep):  # rank 0 deletes every shard directory but keep: older checkpo
         if os.path.basename(d) != keep:
             shutil.rmtree(d)
 
-def save():
-    """Every rank writes its own shards (DCP, safetensors); ckpt.json then names them (renamed into place), so a
-    crash at any point leaves the previous checkpoint whole."""
-    shards = f'ckpt_{iter_num:06d}'
-    DCP.save(state()[2], storage_writer=DCP.HuggingFaceStorageWriter(os.path.join(out_dir, shards), save_distributed=True))
+def save():  # every rank writes its own shards, then ckpt.json names them: a crash leaves the old checkpoint whole
+    shards, t = f'ckpt_{iter_num:06d}', state()[2]
+    files = {k: i * 32 // len(t) + 1 for i, k in enumerate(t)}  # 32 files a rank: the writer copies one file at a time
+    DCP.save(t, storage_writer=DCP.HuggingFaceStorageWriter(f'{out_dir}/{shards}', files, save_distributed=True))
     if master:
         with open(ckpt_path + '.tmp', 'w') as f:
             json.dump(dict(iter_num=iter_num, shards=shards, model_args=vars(raw_model.config), config=config), f)
@@ -260,8 +249,8 @@ def get_mask_schedule(it):
     updates = max(0, (it - it_mask) // mask_interval + 1)
     lam = mid_penalty * min(1.0, max(0.0, (it - it_mask) / max(1, it_hard1 - it_mask)))
     if method == 'ast':  # AST: a hard mask from the start (beta = 1, m_eff = m), re-selected every mask_interval
-        return T0, 1.0, 0.0, 0.0
-    return max(T_min, T0 * gamma ** updates), 3 * u ** 2 - 2 * u ** 3, lam, 1.0 - u
+        return 1.0, 1.0, 0.0, 0.0
+    return max(T_min, gamma ** updates), 3 * u ** 2 - 2 * u ** 3, lam, 1.0 - u
 
 def loss_fn(m, X, Y):
     logits, task = m(X, Y)
@@ -306,8 +295,10 @@ while True:
         with ctx:
             loss, task = loss_fn(model, X, Y)
         (loss / gradient_accumulation_steps).backward()
-    for l in layers if srste_decay else []:  # SR-STE: decay pruned weights towards zero, ramping linearly to srste_decay
+    for l in layers if srste_decay else []:  # SR-STE: decay pruned weights to zero, ramping linearly to srste_decay
         l.weight.grad.add_(l.weight * (1 - l.mask), alpha=srste_decay * iter_num / max_iters)
+    if fsdp:  # the Fisher estimate of this step, reduce-scattered with the gradients
+        sf.fisher_from_grad(layers)
     for l in layers if sparse and iter_num >= it_hard1 else []:  # the frozen pattern (finalize): pruned weights stay 0
         l.weight.grad.mul_(l.mask)
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)  # the same on every rank: all stop together
@@ -317,7 +308,7 @@ while True:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if sparse and iter_num < it_hard1:
-        for t in [t for l in layers for t in [l.x_sq] + [l.hess] * l.estimate] if ddp else []:
+        for t in [t for l in layers for t in [l.x_sq] + [l.hess] * (l.estimate and not fsdp)] if ddp else []:
             dist.all_reduce(t, op=dist.ReduceOp.AVG)  # one x_sq and H on every rank: the same masks, exact resume
         if iter_num >= it_mask and iter_num % mask_interval == 0:
             stats = sf.update(layers, score, T, beta, lam, alpha, diag=iter_num + mask_interval >= it_hard1)
@@ -328,6 +319,6 @@ while True:
               f'{tokens_per_iter / dt:.0f} tok/s, eta {(max_iters - iter_num) * dt / 60:.1f}min | T {T:.3f} '
               f'beta {beta:.3f} lam {lam:.3f} x {x:.3f} ' + ' '.join(f'{k} {v:.3f}' for k, v in stats.items()))
     iter_num += 1
-log(f'{"final" if iter_num == max_iters else "stopped"} {method}{" " + pattern if sparse else ""}: val ppl {val_ppl:.2f}')
+log(f'{"final" if iter_num == max_iters else "stopped"} {method}{" " + pattern * sparse}: val ppl {val_ppl:.2f}')
 if ddp:
     dist.destroy_process_group()

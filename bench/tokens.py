@@ -1,23 +1,22 @@
 """
-Val perplexity and zero-shot accuracy against retraining tokens for every method train.py runs, at equal token
-budgets: dense, the one-shot baselines (magnitude, Wanda, SparseGPT) and the same followed by KD fine-tuning under
-their frozen mask (prune-then-fine-tune, the bar practitioners use), AST-style retraining, SparseForge from
-SparseGPT's mask (the default) and from m = 1 (the paper's start) with each mask score (Fisher, Wanda's statistics,
-magnitude), and KD fine-tuning of the dense model (--method=dense): the dense model that saw the same tokens (column
-"x KD") and the baseline of SparseForge's ms/iter overhead. At the largest budget (at 0 tokens for the one-shot rows),
-the --zero_shot methods' checkpoints also get `eval.py --tasks=paper`, the seven tasks. A thin driver: each row is one
-`python train.py ...` run in the current directory (where data/ is), its output kept in
-<out>/<method>_<iters>/log.txt. Prints one table and writes it to <out>/tokens.csv (with the per-task accuracies) and
-<out>/tokens.png.
+SparseForge against the baselines at equal token budgets, on three measures, over seeds: pydoc val perplexity (the
+training domain), perplexity on general English never trained on (BoolQ's Wikipedia passages, prepare.py boolq), and
+the seven-task zero-shot mean (eval.py --tasks=paper). Every row is `python train.py ...` (then `python eval.py` on its
+checkpoint) in the current directory, where data/ is; a row's results are kept in <out>/<method>_<iters>_s<seed>/
+row.json, so a bench that was stopped resumes where it was. Prints the rows and a summary (mean +- sample std over
+seeds), writes <out>/tokens.csv and <out>/tokens.png (val and general perplexity against retraining tokens).
 
-    python prepare.py pydoc --model=smollm2 && python bench/tokens.py   # embedded default, offline, CPU
-    python bench/tokens.py --model=gpt2 --dataset=c4 --budgets=250,1000,4000 --batch_size=16 --block_size=1024
+    python prepare.py pydoc --model=smollm2 && python prepare.py boolq --model=smollm2 --tokens=65536
+    python bench/tokens.py --methods=sparseforge,sparsegpt-ft --budgets=16,64 --seeds=1337,1,2   # the seed study
+    python bench/tokens.py --methods=sf-dense,sparsegpt-ft --budgets=16,64,256 --batch_size=1 --zero_shot=  # a curve
 
-The default (SmolLM2-135M, pydoc, 16 and 64 iterations of 4 x 256 tokens, 64 being the README's budget) takes 4-5 hours
-on the 2-core CPU machine, half of it zero-shot (README has the table). On a GPU train.py picks cuda and bf16 itself;
---extra passes anything else to every run (e.g. "--gradient_accumulation_steps=8").
+Methods: dense and the one-shot baselines (magnitude, wanda, sparsegpt) run once, at 0 tokens; the same followed by KD
+fine-tuning under their frozen mask (wanda-ft, sparsegpt-ft: prune-then-fine-tune, the bar practitioners use);
+AST-style retraining; SparseForge as shipped (sparseforge), from m = 1 (sf-dense, the paper's start) and with each
+score; KD fine-tuning of the dense model (kd-dense). On a GPU train.py picks cuda and bf16 itself; --extra passes
+anything else to every train.py run.
 """
-import argparse, csv, os, re, shlex, shutil, subprocess, sys, time
+import argparse, csv, json, os, re, shlex, shutil, statistics, subprocess, sys, time
 import matplotlib
 matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt
@@ -29,122 +28,127 @@ METHODS = {  # name -> train.py arguments
     'wanda': ['--method=wanda'],
     'sparsegpt': ['--method=sparsegpt'],
     'ast': [os.path.join(ROOT, 'config', 'ast_smollm2.py')],  # it sets max_iters: it goes first, the overrides after
-    'sparseforge': [],                                        # the default: soft mask from SparseGPT's, wanda score, KD
-    'sf-dense': ['--mask_init=dense'],                        # the paper's start, m = 1; the scores compared from it
-    'sf-hessian': ['--mask_init=dense', '--score=hessian'],   # OBD with the per-position Fisher diagonal
+    'sparseforge': [],                                        # the shipped default
+    'sf-dense': ['--mask_init=dense', '--score=wanda'],       # the paper's start, m = 1, with Wanda's statistics
+    'sf-hessian': ['--mask_init=dense', '--score=hessian'],   # the paper's start and score (per-position Fisher)
     'sf-magnitude': ['--mask_init=dense', '--score=magnitude'],
     'wanda-ft': ['--method=wanda'],                           # prune, then KD fine-tuning under the frozen mask
     'sparsegpt-ft': ['--method=sparsegpt'],
-    'kd-dense': ['--method=dense'],                           # KD fine-tuning without a mask: the overhead baseline
-    'sf-no-kd': ['--w_kl=0.0'],                               # not in the default set: the paper's KD ablation
+    'kd-dense': ['--method=dense'],                           # KD fine-tuning without a mask
 }
 ONCE = ('dense', 'magnitude', 'wanda', 'sparsegpt')  # no retraining: run once, at 0 tokens (calibration not counted)
-DEFAULT = [m for m in METHODS if m != 'sf-no-kd']
-ZERO_SHOT = 'dense,magnitude,wanda,sparsegpt,ast,sparseforge,sparsegpt-ft,kd-dense'
 
 p = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0])
 p.add_argument('--model', default='smollm2', help='train.py --init_from: HF name, local dir, .gguf or smollm2')
-p.add_argument('--dataset', default='pydoc', help='data/<dataset>_<model>/ from prepare.py')
+p.add_argument('--dataset', default='pydoc', help='data/<dataset>_<model>/ from prepare.py: the training corpus')
+p.add_argument('--general', default='boolq', help='data/<general>_<model>/test.bin from prepare.py: never trained on')
 p.add_argument('--budgets', default='16,64', help='comma-separated retraining iterations')
-p.add_argument('--methods', default=','.join(DEFAULT), help='comma-separated, from: ' + ', '.join(METHODS))
-p.add_argument('--zero_shot', default=ZERO_SHOT, help='methods whose largest-budget model gets the seven tasks')
-p.add_argument('--limit', default='', help='eval.py --limit for the zero-shot tasks (default: eval.py\'s)')
+p.add_argument('--seeds', default='1337', help='comma-separated train.py --seed values (data order, calibration)')
+p.add_argument('--methods', default='dense,sparsegpt,wanda,sparseforge,sf-dense,sf-hessian,sparsegpt-ft,wanda-ft',
+               help='comma-separated, from: ' + ', '.join(METHODS))
+p.add_argument('--zero_shot', default='64', help='budgets whose models get the seven tasks (0: the one-shot rows)')
+p.add_argument('--limit', type=int, default=500, help='eval.py --limit: documents per zero-shot task')
 p.add_argument('--batch_size', type=int, default=4)
 p.add_argument('--block_size', type=int, default=256, help='training sequence and evaluation window length')
 p.add_argument('--out', default='out/bench')
 p.add_argument('--extra', default='', help='more train.py --key=value arguments, given to every run')
 a = p.parse_args()
-budgets, methods = [int(b) for b in a.budgets.split(',')], a.methods.split(',')
+budgets, seeds, methods = [int(b) for b in a.budgets.split(',')], a.seeds.split(','), a.methods.split(',')
 if unknown := set(methods) - set(METHODS):
     sys.exit(f'unknown methods {sorted(unknown)}; the methods are {", ".join(METHODS)}')
-methods = ['dense'] + [m for m in methods if m != 'dense']  # the ratio column needs it
+tag = 'smollm2' if a.model == 'smollm2' else os.path.basename(a.model.rstrip('/')).lower()
+general = os.path.join('data', f'{a.general}_{tag}', 'test.bin')
+if not os.path.exists(general):
+    sys.exit(f'{general} not found: run  python prepare.py {a.general} --model={a.model} --tokens=65536')
 common = [f'--init_from={a.model}', f'--dataset={a.dataset}', f'--batch_size={a.batch_size}',
           f'--block_size={a.block_size}', '--log_interval=1'] + shlex.split(a.extra)
-# offline unless the caller's environment says otherwise: hub look-ups hang before failing here (README)
-env = {'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', **os.environ}
+env = {'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', **os.environ}  # offline unless the caller says otherwise
 
-def zero_shot(ckpt, log):
-    """eval.py --tasks=paper on a checkpoint -> {task: acc, ..., 'mean_acc': the seven-task mean}."""
-    cmd = [sys.executable, os.path.join(ROOT, 'eval.py'), ckpt, '--tasks=paper', f'--export={ckpt}.hf']
-    r = subprocess.run(cmd + [f'--limit={a.limit}'] * bool(a.limit), env=env, capture_output=True, text=True)
-    log.write(r.stdout + r.stderr)
-    if r.returncode:
-        sys.exit(f'zero-shot failed:\n  {shlex.join(cmd)}\n{r.stderr[-3000:]}')
-    accs = {t: float(x) for t, x in re.findall(r': (\w+) acc ([\d.]+) \+-', r.stdout)}
-    return accs | {'mean_acc': float(re.search(r'mean acc over 7 tasks ([\d.]+)', r.stdout)[1])}
-
-def run(name, iters):
-    """One train.py run -> a table row; val ppl evaluated once, at the end (eval_interval = iters)."""
-    d = os.path.join(a.out, f'{name}_{iters}')
-    cmd = [sys.executable, os.path.join(ROOT, 'train.py')] + METHODS[name] + common + [
-        f'--max_iters={iters}', f'--eval_interval={max(1, iters)}', f'--out_dir={d}']
-    if os.path.exists(os.path.join(d, 'ckpt.pt')):  # left by an interrupted bench: train.py would refuse to start
-        os.remove(os.path.join(d, 'ckpt.pt'))
-    t0 = time.time()
+def sh(cmd, log):
+    """Run cmd, append its output to the file log, return stdout; a failure stops the bench with its tail."""
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall, log = time.time() - t0, r.stdout + r.stderr
-    os.makedirs(d, exist_ok=True)
-    open(os.path.join(d, 'log.txt'), 'w').write(log)
-    ppl = re.search(r'^final .*: val ppl ([\d.]+)$', r.stdout, re.M)
-    if r.returncode or not ppl:
-        sys.exit(f'{name} at {iters} iterations failed:\n  {shlex.join(cmd)}\n{log[-3000:]}')
-    tokens_per_iter = int(re.search(r'tokens per iteration: ([\d,]+)', r.stdout)[1].replace(',', ''))
-    ms = [float(m) for m in re.findall(r'^iter [1-9]\d*: loss .*?, (\d+)ms', r.stdout, re.M)]  # iter 0 warms up
-    row = dict(method=name, iters=iters, tokens=iters * tokens_per_iter, val_ppl=float(ppl[1]), wall_s=round(wall, 1),
-               ms_iter=round(sum(ms) / len(ms), 1) if ms else None)
-    if name in a.zero_shot.split(',') and iters == (0 if name in ONCE else max(budgets)):
-        with open(os.path.join(d, 'zero_shot.txt'), 'w') as log:
-            row |= zero_shot(os.path.join(d, 'ckpt.pt'), log)
-        shutil.rmtree(os.path.join(d, 'ckpt.pt.hf'))
-    # the checkpoint holds weights, masks, their statistics and AdamW moments, ~3 GB for SmolLM2; the table needs none
-    os.remove(os.path.join(d, 'ckpt.pt'))
-    print(f'{name} {iters} iters: val ppl {row["val_ppl"]:.2f}' + (f', zero-shot mean acc {row["mean_acc"]:.4f}'
-          if 'mean_acc' in row else '') + f', {wall:.0f}s', flush=True)
+    with open(log, 'a') as f:
+        f.write(f'$ {shlex.join(cmd)}\n{r.stdout}{r.stderr}')
+    if r.returncode:
+        sys.exit(f'failed: {shlex.join(cmd)}\n{r.stderr[-3000:]}')
+    return r.stdout
+
+def run(name, iters, seed):
+    """One row: train.py, then eval.py on its checkpoint (general perplexity, and zero-shot where asked)."""
+    d = os.path.join(a.out, f'{name}_{iters}_s{seed}')
+    if os.path.exists(os.path.join(d, 'row.json')):  # done by an earlier bench
+        return json.load(open(os.path.join(d, 'row.json')))
+    shutil.rmtree(d, ignore_errors=True)  # a row that was stopped half-way
+    os.makedirs(d)
+    t0 = time.time()
+    out = sh([sys.executable, os.path.join(ROOT, 'train.py')] + METHODS[name] + common + [
+        f'--max_iters={iters}', f'--eval_interval={max(1, iters)}', f'--seed={seed}', f'--out_dir={d}'],
+        os.path.join(d, 'log.txt'))
+    wall = time.time() - t0
+    ms = [float(m) for m in re.findall(r'^iter [1-9]\d*: loss .*?, (\d+)ms', out, re.M)]  # iter 0 warms up
+    # each log line shows the last mask update's statistics; T changes at every update, x is 0 once the mask froze
+    stats = [(T, f) for T, x, f in re.findall(r'T (\S+) beta .* x (\S+) mid \S+ dist \S+ flips (\S+)', out) if float(x)]
+    updates = [float(f) for i, (T, f) in enumerate(stats) if i == 0 or T != stats[i - 1][0]]  # one per update
+    row = dict(method=name, iters=iters, seed=seed, tokens=iters * int(re.search(r'tokens per iteration: ([\d,]+)',
+               out)[1].replace(',', '')), val_ppl=float(re.search(r'^final .*: val ppl ([\d.]+)$', out, re.M)[1]),
+               flips=updates, wall_s=round(wall), ms_iter=round(sum(ms) / len(ms)) if ms else None)
+    zs = str(iters if name not in ONCE else 0) in a.zero_shot.split(',')
+    cmd = [sys.executable, os.path.join(ROOT, 'eval.py'), d, f'--data={general}', f'--block_size={a.block_size}']
+    out = sh(cmd + [f'--tasks=paper', f'--limit={a.limit}', f'--export={d}/hf'] * zs, os.path.join(d, 'log.txt'))
+    row['general_ppl'] = float(re.search(r' ppl ([\d.]+)', out)[1])
+    if zs:
+        row |= {t: float(x) for t, x in re.findall(r': (\w+) acc ([\d.]+) \+-', out)}
+        row['mean_acc'] = float(re.search(r'mean acc over 7 tasks ([\d.]+)', out)[1])
+    for f in os.listdir(d):  # the checkpoint (weights, masks, AdamW: ~1.5 GB for SmolLM2) and the export: not needed
+        if os.path.isdir(os.path.join(d, f)):
+            shutil.rmtree(os.path.join(d, f))
+    json.dump(row, open(os.path.join(d, 'row.json'), 'w'))
+    print(f'{name} {iters} iters seed {seed}: val ppl {row["val_ppl"]:.2f}, general {row["general_ppl"]:.2f}'
+          + (f', zero-shot {row["mean_acc"] * 100:.2f}' if zs else '') + f', flips per update {updates}, {wall:.0f}s',
+          flush=True)
     return row
 
-rows = [run(m, 0) for m in methods if m in ONCE] + [run(m, b) for b in budgets for m in methods if m not in ONCE]
-at = {(r['method'], r['iters']): r for r in rows}
-for r in rows:  # against the starting dense model, and against dense KD fine-tuning on the same tokens
-    r['ratio'] = round(r['val_ppl'] / rows[0]['val_ppl'], 3)
-    r['vs_kd'] = round(r['val_ppl'] / at[('kd-dense', r['iters'])]['val_ppl'], 3) if ('kd-dense', r['iters']) in at else None
-
-cols = ['method', 'iters', 'tokens', 'val_ppl', 'ratio', 'vs_kd', 'mean_acc', 'wall_s', 'ms_iter']
-cols += sorted({k for r in rows for k in r} - set(cols))  # the zero-shot accuracy of each task
-fmt = '{:<16}{:>6}{:>9}{:>11}{:>9}{:>7}{:>10}{:>8}{:>9}'
-print('\n' + fmt.format('method', 'iters', 'tokens', 'val ppl', 'x dense', 'x KD', 'zero-shot', 'wall s', 'ms/iter'))
-for r in rows:
-    print(fmt.format(r['method'], r['iters'], f'{r["tokens"]:,}', f'{r["val_ppl"]:,.2f}', f'{r["ratio"]:.2f}',
-                     '-' if r['vs_kd'] is None else f'{r["vs_kd"]:.2f}',
-                     f'{r["mean_acc"] * 100:.2f}' if 'mean_acc' in r else '', f'{r["wall_s"]:.0f}',
-                     '-' if r['ms_iter'] is None else f'{r["ms_iter"]:.0f}'))
-for b in budgets:  # the cost of the mask (scores, updates, projection) over the same KD step
-    sf, kd = at.get(('sparseforge', b)), at.get(('kd-dense', b))
-    if sf and kd and sf['ms_iter'] and kd['ms_iter']:
-        print(f'overhead at {b} iters: sparseforge {sf["ms_iter"]:.0f} ms/iter vs KD {kd["ms_iter"]:.0f} ms/iter'
-              f' = {sf["ms_iter"] / kd["ms_iter"]:.2f}x')
-for b in budgets:  # the paper's thesis: a better mask needs fewer tokens than AST-style retraining
-    sf, ast = at.get(('sparseforge', b)), at.get(('ast', 4 * b))
-    if sf and ast:
-        print(f'sparseforge at {b} iters: {sf["val_ppl"]:.2f} vs ast at {4 * b} iters: {ast["val_ppl"]:.2f}')
-
+rows = [run(m, 0, seeds[0]) for m in methods if m in ONCE]
+rows += [run(m, b, s) for b in budgets for m in methods if m not in ONCE for s in seeds]
 os.makedirs(a.out, exist_ok=True)
+cols = ['method', 'iters', 'seed', 'tokens', 'val_ppl', 'general_ppl', 'mean_acc', 'flips', 'wall_s', 'ms_iter']  # flips: a list
+cols += sorted({k for r in rows for k in r} - set(cols))  # each task's accuracy
 with open(os.path.join(a.out, 'tokens.csv'), 'w', newline='') as f:
     w = csv.DictWriter(f, cols)
     w.writeheader()
     w.writerows(rows)
-plt.figure(figsize=(8, 5))
-for i, m in enumerate(methods):
-    pts = [(r['tokens'], r['val_ppl']) for r in rows if r['method'] == m]
-    if m in ONCE:  # 0 tokens: a level to beat, not a point on a log axis
-        plt.axhline(pts[0][1], color=plt.cm.tab20(i % 20), ls='--', lw=1, label=f'{m} (0 tokens)')
-    else:
-        plt.plot(*zip(*pts), color=plt.cm.tab20(i % 20), marker='o', label=m)
-plt.xscale('log')
-plt.yscale('log')
-plt.xlabel('retraining tokens')
-plt.ylabel('val perplexity')
-plt.title(f'{a.model} on {a.dataset}, batch {a.batch_size} x {a.block_size}')
-plt.legend(fontsize=8)
-plt.grid(True, which='both', alpha=0.3)
+
+def spread(xs, fmt='{:.2f}'):  # 'mean +- sample std' over seeds, or the value
+    xs = [x for x in xs if x is not None]
+    if len(xs) < 2:
+        return fmt.format(xs[0]) if xs else ''
+    return f'{fmt.format(statistics.mean(xs))} +- {fmt.format(statistics.stdev(xs))}'
+
+print(f'\n{"method":<14}{"iters":>6}{"tokens":>9}{"seeds":>6}{"val ppl":>18}{"general ppl":>18}{"zero-shot acc":>17}'
+      f'{"flips after the 1st update":>28}')
+groups = {}
+for r in rows:
+    groups.setdefault((r['method'], r['iters']), []).append(r)
+for (m, it), rs in groups.items():
+    acc = [r['mean_acc'] * 100 for r in rs if 'mean_acc' in r]
+    print(f'{m:<14}{it:>6}{rs[0]["tokens"]:>9,}{len(rs):>6}{spread([r["val_ppl"] for r in rs]):>18}'
+          f'{spread([r["general_ppl"] for r in rs]):>18}{spread(acc):>17}'
+          f'{spread([sum(r["flips"][1:]) / max(1, len(r["flips"]) - 1) for r in rs], "{:.4f}"):>28}')
+
+fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+for ax, key, label in zip(axes, ('val_ppl', 'general_ppl'), (f'{a.dataset} val perplexity', 'general-text perplexity')):
+    for i, m in enumerate(dict.fromkeys(r['method'] for r in rows)):
+        pts = sorted((it, [r[key] for r in rs]) for (mm, it), rs in groups.items() if mm == m)
+        color = plt.cm.tab10(i % 10)
+        if m in ONCE:  # 0 tokens: a level to beat, not a point on a log axis
+            ax.axhline(pts[0][1][0], color=color, ls='--', lw=1, label=f'{m} (0 tokens)')
+            continue
+        ys = [statistics.mean(v) for _, v in pts]
+        err = [statistics.stdev(v) if len(v) > 1 else 0 for _, v in pts]
+        ax.errorbar([it for it, _ in pts], ys, yerr=err, color=color, marker='o', capsize=3, label=m)
+    ax.set(xscale='log', yscale='log', xlabel=f'retraining iterations ({a.batch_size} x {a.block_size} tokens)',
+           ylabel=label, title=f'{a.model}, 2:4: {label}')
+    ax.grid(True, which='both', alpha=0.3)
+axes[0].legend(fontsize=8)
 plt.savefig(os.path.join(a.out, 'tokens.png'), dpi=120, bbox_inches='tight')
 print(f'wrote {a.out}/tokens.csv and {a.out}/tokens.png')

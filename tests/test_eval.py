@@ -79,7 +79,7 @@ def test_bad_input_is_one_clear_line(tmp_path):
                        (['smollm2', '--tasks=arc_easy,nope'], "'nope' is not an lm-eval task"),
                        (['smollm2', '--tasks=mmlu'], "no local copy of 'mmlu' offline"),
                        (['smollm2', '--limit=-1'], '--limit=-1 is not valid: it must be >= 0'),
-                       (['smollm2', '--tokens=-5'], '--tokens=-5 is not valid: it must be >= 0'),
+                       (['smollm2', '--new_tokens=-5'], '--new_tokens=-5 is not valid: it must be >= 0'),
                        (['smollm2', '--block_size=-1'], '--block_size=-1 is not valid: it must be >= 0'),
                        (['smollm2', '--block_size=x'], "--block_size: invalid int value: 'x'"),
                        (['smollm2', '--pattern=4:2'], '--pattern=4:2 is not valid: use N:M with 0 < N < M')]:

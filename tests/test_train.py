@@ -12,7 +12,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import ROOT, one_line_error
+from conftest import ROOT, one_line_error, run
 from eval import load, check_pattern, perplexity
 import mask as sf
 
@@ -175,13 +175,25 @@ def test_fsdp_matches_ddp_and_resumes_exactly(work):
     a, b, c = (saved(work / d)[1] for d in ('fsdp_ddp', 'fsdp', 'fsdp_split'))
     assert a.keys() == b.keys() == c.keys()
     assert sorted(os.listdir(work / 'fsdp')) == ['ckpt.json', 'ckpt_000006']
-    assert len(os.listdir(work / 'fsdp' / 'ckpt_000006')) == 2  # a file of shards per rank
+    assert {f[:11] for f in os.listdir(work / 'fsdp' / 'ckpt_000006')} == {'shard-00001', 'shard-00002'}  # per rank
     for k in a:
         assert torch.equal(b[k], c[k]) and (torch.equal(a[k], b[k]) if k.endswith(('mask', 'proj'))
                                              else torch.allclose(a[k], b[k], atol=1e-6)), k
     assert_exact_2_4(work / 'fsdp', work, ppl(fs, 'final'), n=544)
     one = train(work, *args, '--out_dir=fsdp', '--init_from=resume').stdout  # at its end already: evaluates only
     assert ppl(one, 'final') == ppl(fs, 'final')
+
+def test_fsdp_hessian_matches_ddp(work):
+    """The Fisher score under FSDP: each rank's estimate is reduce-scattered with the gradients to the rows it holds,
+    and the run gives DDP's losses, Fisher EMA and binary masks."""
+    args = [*TINY, *QUENCH, '--gradient_accumulation_steps=2', '--eval_tokens=544']  # QUENCH: hessian, every step
+    ddp = train(work, *args, '--out_dir=hess_ddp', torchrun=True).stdout
+    fs = train(work, *args, '--fsdp=True', '--out_dir=hess_fsdp', torchrun=True).stdout
+    assert len(losses(fs)) == 6 and all(abs(float(x) - float(losses(ddp)[i])) < 2e-4 for i, x in losses(fs).items())
+    a, b = saved(work / 'hess_ddp')[1], saved(work / 'hess_fsdp')[1]
+    hess = [k for k in a if k.endswith('.hess')]
+    assert len(hess) == 8 and all(a[k].abs().sum() > 0 and torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-9) for k in hess)
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith(('mask', 'proj')))
 
 def test_crash_mid_save_keeps_the_old_checkpoint(work, straight, split):
     """A save that dies half-way through writing its shards leaves ckpt.json and the shards it names as they were;
@@ -264,6 +276,22 @@ def test_training_ends_exactly_2_4(work):
     xs = [v.item() for k, v in ck.items() if k.endswith('.x')]
     assert xs == [0.0] * 8  # m_eff = Proj(m) since the quench ended at int(0.85 * 30) = 25
     assert_exact_2_4(work / 'e2e', work, ppl(p.stdout, 'final'))
+
+@pytest.mark.parametrize('pattern', ['2:4', 'block16'])
+def test_packed_model_is_the_masked_model(work, pattern):
+    """eval.py --packed on a finished run: the packed decoder holds about half the weight bytes, and its perplexity and
+    greedy tokens are the masked model's (on CPU the Triton interpreter or the twin: the same fp32 products)."""
+    train(work, *TINY, f'--pattern={pattern}', '--max_iters=4', '--eval_interval=4', '--mask_interval=1',
+          '--mask_start=0.0', f'--out_dir=packed_{pattern[-2:]}')
+    p = run('eval.py', f'packed_{pattern[-2:]}', '--data=data/pydoc_tiny/val.bin', '--block_size=32', '--packed',
+            '--new_tokens=8', cwd=work)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert re.search(rf'pattern {pattern}: 0 violating groups in 8 layers', p.stdout)
+    ratio = float(re.search(r'decoder weights packed .* \((\S+)x\)', p.stdout)[1])
+    assert (0.5 < ratio < 0.54) if pattern == '2:4' else (0.5 <= ratio < 0.6), ratio  # fp32: 1/2 + 1/32 of codes
+    masked, packed = re.findall(r' (masked|packed) data/pydoc_tiny/val.bin ppl (\S+)', p.stdout)
+    assert masked[1] == packed[1], p.stdout
+    assert re.search(r'masked greedy decode [\d.]+ tokens/s', p.stdout) and 'packed greedy decode' in p.stdout
 
 @pytest.mark.parametrize('method', ['magnitude', 'wanda', 'sparsegpt'])
 def test_one_shot_baselines_are_exactly_2_4(work, method):
