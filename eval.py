@@ -123,7 +123,7 @@ def load(path):
     ckpt = read_checkpoint(path, 'a train.py checkpoint is out_dir/ckpt.json')
     model, cfg = GPT(GPTConfig(**ckpt['model_args'])), ckpt['config']
     if cfg['method'] != 'dense':
-        sf.sparsify(model, cfg['pattern'], cfg['score'])
+        sf.sparsify(model, cfg['pattern'], cfg['score'], cfg['slorb'])
     load_shards(tensors(dcp.get_model_state_dict(model), model.config), ckpt['dir'])
     return model.eval(), cfg
 
@@ -159,8 +159,8 @@ if __name__ == '__main__':
     if pattern:
         print(f'{a.model}: pattern {pattern}: {sum(bad.values())} violating groups in {len(bad)} layers'
               + ''.join(f'\n  {k}: {v}' for k, v in bad.items() if v))
-    if a.packed and (pattern not in sk.FORMATS or sum(bad.values())):
-        sys.exit(f'--packed: {a.model} is not exactly 2:4 or block16; pack a finalised checkpoint (a finished run)')
+    if a.packed and (pattern not in sk.FORMATS or sum(bad.values()) or cfg and cfg['slorb']):
+        sys.exit(f'--packed: {a.model} is not exactly 2:4 or block16 (nor SLoRB); pack a finished run without it')
     models = {'': model}
     if a.packed:  # W * m in plain Linears, then packed; on CUDA in fp16, through the Triton kernel
         sf.merge(model)

@@ -55,11 +55,13 @@ class MaskedLinear(torch.autograd.Function):
         return dx, g2.T @ x2, None, None, None, db, fisher.to(hess.dtype) if ctx.needs_input_grad[6] else None
 
 class SparseLinear(nn.Module):
-    """y = x (W * m_eff)^T + b, W's gradient straight-through (train.py masks it once finalize() froze m)."""
-    def __init__(self, linear, pattern, score='hessian'):
+    """y = x (W * m_eff)^T + b, W's gradient straight-through (train.py masks it once finalize() froze m). With
+    slorb = k, SLoRB (Eq. 1): y += (P x) B^T, P summing each k consecutive inputs, B (D, C/k) trained from 0."""
+    def __init__(self, linear, pattern, score='hessian', slorb=0):
         super().__init__()
         D, C = linear.weight.shape
-        self.weight, self.bias, self.pattern = linear.weight, linear.bias, pattern
+        self.weight, self.bias, self.pattern, self.k = linear.weight, linear.bias, pattern, slorb
+        self.slorb = nn.Parameter(linear.weight.new_zeros(D, C // slorb)) if slorb else None  # B: the student = teacher
         self.collect, self.estimate = True, False  # set by train.py: input statistics, Fisher estimate this step
         new = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=linear.weight.device)
         self.register_buffer('mask', new(D, C))  # m in [0, 1]
@@ -71,17 +73,18 @@ class SparseLinear(nn.Module):
 
     @torch.no_grad()
     def reset(self):  # the start: m = Proj(m) = 1 (the student is the dense teacher), no statistics yet
-        for t, v in ((self.mask, 1), (self.proj, 1), (self.hess, 0), (self.x_sq, 0), (self.x, 1)):
-            if t is not None:  # hess is None unless score == 'hessian'
+        for t, v in ((self.mask, 1), (self.proj, 1), (self.hess, 0), (self.x_sq, 0), (self.x, 1), (self.slorb, 0)):
+            if t is not None:  # hess is None unless score == 'hessian', slorb unless k > 0
                 t.fill_(v)
 
     def forward(self, x):
         if self.training and self.collect:  # running mean of x_j^2 for the wanda score, while the mask can change
             self.x_sq.lerp_(x.detach().float().pow(2).flatten(0, -2).mean(0), 0.02)
         hess = self.hess if self.estimate else None  # this step's backward updates the Fisher EMA
-        return MaskedLinear.apply(x, self.weight, self.mask, self.proj, self.x, self.bias, hess)
+        y = MaskedLinear.apply(x, self.weight, self.mask, self.proj, self.x, self.bias, hess)
+        return y if self.slorb is None else y + F.linear(x.unflatten(-1, (-1, self.k)).sum(-1), self.slorb)
 
-def sparsify(model, pattern, score='hessian'):
+def sparsify(model, pattern, score='hessian', slorb=0):
     """Swap every nn.Linear inside the decoder blocks for a SparseLinear; returns the list of them."""
     layers = []
     for name, mod in list(model.transformer.h.named_modules()):
@@ -89,10 +92,10 @@ def sparsify(model, pattern, score='hessian'):
             if isinstance(child, nn.Linear):
                 D, C = child.weight.shape
                 rows, cols = (16, 16) if pattern == 'block16' else (1, int(pattern.split(':')[1]))  # one group's span
-                if D % rows or C % cols:
-                    raise ValueError(f'transformer.h.{name}.{cname}: weight {D}x{C} does not fit pattern {pattern}; '
-                                     'pick another pattern')
-                layers.append(SparseLinear(child, pattern, score))
+                if D % rows or C % cols or slorb and C % slorb:
+                    raise ValueError(f'transformer.h.{name}.{cname}: weight {D}x{C} does not fit pattern {pattern} '
+                                     f'(and SLoRB groups of {slorb}); pick another pattern or --slorb')
+                layers.append(SparseLinear(child, pattern, score, slorb))
                 setattr(mod, cname, layers[-1])
     return layers
 
@@ -118,10 +121,9 @@ def fisher_from_grad(layers):  # FSDP: this rank's rows of the step's Fisher est
             l.hess.grad = None
 
 @torch.no_grad()
-def update(layers, kind, T, beta, lam, alpha=0.1, diag=False):
-    """One soft-mask step for every layer (Algorithm 1, lines 8-12); returns statistics for the log, with diag also
-    whether the score carries a signal of its own: the share of its kept entries that magnitude's and wanda's keep."""
-    stats = dict(mid=0.0, dist=0.0, flips=0.0) | (dict(mag=0.0, wanda=0.0) if diag else {})
+def update(layers, kind, T, beta, lam, alpha=0.1):
+    """One soft-mask step for every layer (Algorithm 1, lines 8-12); returns statistics for the log."""
+    stats = dict(mid=0.0, dist=0.0, flips=0.0)
     n = sum(local(l.mask).numel() for l in layers)  # under FSDP the statistics are this rank's rows
     for l in layers:
         g, N = groups(score(l, kind), l.pattern)
@@ -140,8 +142,6 @@ def update(layers, kind, T, beta, lam, alpha=0.1, diag=False):
         proj = project(mask, l.pattern)
         for k, v in dict(flips=proj != old, mid=(mask > 0.05) & (mask < 0.95), dist=(mask - proj).abs()).items():
             stats[k] += v.sum().item() / n
-        for k, ref in (('mag', 'magnitude'), ('wanda', 'wanda')) if diag else ():
-            stats[k] += (project(score(l, ref), l.pattern) * hard).sum().item() / hard.sum().item() / len(layers)
         old.copy_(proj)
     return stats
 
@@ -209,12 +209,14 @@ def one_shot(model, layers, method, calib):
 
 @torch.no_grad()
 def merge(model):
-    """Swap every SparseLinear back to an nn.Linear holding W * m_eff (pruned entries +0.0), as eval.py exports it."""
+    """Swap every SparseLinear back to an nn.Linear holding W * m_eff (pruned entries +0.0), as eval.py exports it;
+    SLoRB is folded in, B P: a dense rank-C/k term, so that such a model is no longer sparse."""
     for mod in list(model.modules()):
         for name, l in list(mod.named_children()):
             if isinstance(l, SparseLinear):
                 m = l.proj.lerp(l.mask, l.x)
                 w = (l.weight * m).masked_fill(m == 0, 0.0).to(l.weight.dtype)
+                w = w if l.slorb is None else w + l.slorb.repeat_interleave(l.k, 1)
                 lin = nn.Linear(w.size(1), w.size(0), bias=False, device='meta')
                 lin.weight, lin.bias = nn.Parameter(w), l.bias
                 setattr(mod, name, lin)

@@ -54,6 +54,7 @@ T_min = 0.05
 alpha = 0.1  # mask EMA rate (Eq. 5)
 mid_penalty = 0.5  # eta * lambda_mid at its peak (Eq. 4)
 srste_decay = 0.0  # SR-STE pull of pruned weights, grad += d W (1 - m) (AST: 1e-4)
+slorb = 0  # SLoRB (Eq. 1): a trained dense bypass over sums of k = slorb consecutive inputs (paper: 16); 0: off
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype; weights and masks stay fp32
@@ -108,7 +109,7 @@ for k in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'log_interv
     if globals()[k] <= 0:
         sys.exit(f'--{k}={globals()[k]} is not valid: it must be > 0')
 for k in ('max_iters', 'eval_interval', 'eval_tokens', 'stop_iter', 'min_lr', 'weight_decay', 'grad_clip', 'w_task',
-          'w_kl', 'mid_penalty', 'srste_decay'):
+          'w_kl', 'mid_penalty', 'srste_decay', 'slorb'):
     if globals()[k] < 0:
         sys.exit(f'--{k}={globals()[k]} is not valid: it must be >= 0')
 for k in ('warmup', 'mask_start', 'hard_start', 'hard_end', 'alpha', 'gamma'):
@@ -172,7 +173,7 @@ if block_size > model.config.block_size:
 kd = w_kl > 0 and max_iters > 0
 teacher = copy.deepcopy(model).eval().requires_grad_(False) if kd else None  # the dense start, frozen
 sparse = method != 'dense'
-layers = sf.sparsify(model, pattern, score) if sparse else []
+layers = sf.sparsify(model, pattern, score, slorb) if sparse else []
 if start in ONE_SHOT and not ckpt:  # one-shot: finalized at iteration 0, then fine-tuned
     calib = torch.cat([get_batch(-1, i, 1, r=0)[0] for i in range(n_calib)])  # the same on every rank
     sf.one_shot(model, layers, start, calib)  # sparseforge: m starts at its binary mask (x = 1: m_eff = m)
@@ -311,7 +312,7 @@ while True:
         for t in [t for l in layers for t in [l.x_sq] + [l.hess] * (l.estimate and not fsdp)] if ddp else []:
             dist.all_reduce(t, op=dist.ReduceOp.AVG)  # one x_sq and H on every rank: the same masks, exact resume
         if iter_num >= it_mask and iter_num % mask_interval == 0:
-            stats = sf.update(layers, score, T, beta, lam, alpha, diag=iter_num + mask_interval >= it_hard1)
+            stats = sf.update(layers, score, T, beta, lam, alpha)
     dt_sum += time.time() - t0
     if iter_num % log_interval == 0 and master:
         dt, dt_sum = dt_sum / (1 if iter_num == start_iter else log_interval), 0.0  # the mean since the last log line

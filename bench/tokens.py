@@ -99,6 +99,7 @@ def run(name, iters, seed):
     if zs:
         row |= {t: float(x) for t, x in re.findall(r': (\w+) acc ([\d.]+) \+-', out)}
         row['mean_acc'] = float(re.search(r'mean acc over 7 tasks ([\d.]+)', out)[1])
+        row['acc_no_boolq'] = round((7 * row['mean_acc'] - row['boolq']) / 6, 4)  # BoolQ alone swings on yes/no bias
     for f in os.listdir(d):  # the checkpoint (weights, masks, AdamW: ~1.5 GB for SmolLM2) and the export: not needed
         if os.path.isdir(os.path.join(d, f)):
             shutil.rmtree(os.path.join(d, f))
@@ -111,7 +112,8 @@ def run(name, iters, seed):
 rows = [run(m, 0, seeds[0]) for m in methods if m in ONCE]
 rows += [run(m, b, s) for b in budgets for m in methods if m not in ONCE for s in seeds]
 os.makedirs(a.out, exist_ok=True)
-cols = ['method', 'iters', 'seed', 'tokens', 'val_ppl', 'general_ppl', 'mean_acc', 'flips', 'wall_s', 'ms_iter']  # flips: a list
+cols = ['method', 'iters', 'seed', 'tokens', 'val_ppl', 'general_ppl', 'mean_acc', 'acc_no_boolq', 'flips', 'wall_s',
+        'ms_iter']  # flips: a list, one per mask update
 cols += sorted({k for r in rows for k in r} - set(cols))  # each task's accuracy
 with open(os.path.join(a.out, 'tokens.csv'), 'w', newline='') as f:
     w = csv.DictWriter(f, cols)
@@ -125,14 +127,15 @@ def spread(xs, fmt='{:.2f}'):  # 'mean +- sample std' over seeds, or the value
     return f'{fmt.format(statistics.mean(xs))} +- {fmt.format(statistics.stdev(xs))}'
 
 print(f'\n{"method":<14}{"iters":>6}{"tokens":>9}{"seeds":>6}{"val ppl":>18}{"general ppl":>18}{"zero-shot acc":>17}'
-      f'{"flips after the 1st update":>28}')
+      f'{"w/o boolq":>17}{"flips after the 1st update":>28}')
 groups = {}
 for r in rows:
     groups.setdefault((r['method'], r['iters']), []).append(r)
 for (m, it), rs in groups.items():
     acc = [r['mean_acc'] * 100 for r in rs if 'mean_acc' in r]
+    acc6 = [r['acc_no_boolq'] * 100 for r in rs if 'mean_acc' in r]
     print(f'{m:<14}{it:>6}{rs[0]["tokens"]:>9,}{len(rs):>6}{spread([r["val_ppl"] for r in rs]):>18}'
-          f'{spread([r["general_ppl"] for r in rs]):>18}{spread(acc):>17}'
+          f'{spread([r["general_ppl"] for r in rs]):>18}{spread(acc):>17}{spread(acc6):>17}'
           f'{spread([sum(r["flips"][1:]) / max(1, len(r["flips"]) - 1) for r in rs], "{:.4f}"):>28}')
 
 fig, axes = plt.subplots(1, 2, figsize=(12, 5))

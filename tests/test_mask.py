@@ -129,3 +129,21 @@ def test_sparse_linear_saves_what_a_linear_saves():
     l.x.fill_(0.5)  # mid-quench: m_eff = lerp(proj, mask, 0.5) is computed, not stored
     l.estimate = True
     assert saved_bytes(lin, x) == saved_bytes(l, x) == x.numel() * 4
+
+def test_slorb_starts_at_the_teacher_and_folds_into_the_export():
+    """SLoRB (Eq. 1): B = 0 at the start (the student is the dense model), y += (P x) B^T with P summing each k
+    consecutive inputs; merge() folds B P into the exported weight, with the same output."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    l, x = sf.SparseLinear(lin, '2:4', slorb=16), torch.randn(3, 64)
+    assert l.slorb.shape == (32, 4) and torch.equal(l(x), lin(x))
+    l.slorb.data.normal_()
+    l.proj.copy_(sf.project(l.weight.detach().abs(), '2:4'))
+    sf.finalize([l])
+    P = torch.eye(4).repeat_interleave(16, 1)  # (C/k, C): row j sums inputs 16j .. 16j + 15
+    expected = x @ (l.weight * l.mask).T + l.bias + x @ P.T @ l.slorb.T
+    assert torch.allclose(l(x), expected, atol=1e-5)
+    holder = nn.Module()
+    holder.l = l
+    sf.merge(holder)
+    assert type(holder.l) is nn.Linear and torch.allclose(holder.l(x), expected, atol=1e-5)

@@ -72,7 +72,7 @@ def test_text_file_gpt2(tmp_path, tiktoken_cache):
 def test_hub_dataset_offline_fails_fast(dataset, tmp_path, monkeypatch):  # fails before any tokenizer loads
     monkeypatch.chdir(tmp_path)
     t0 = time.time()
-    with pytest.raises(SystemExit, match=f"^{dataset}: can't reach the Hugging Face hub \\(offline\\?\\); offline, use 'pydoc'"):
+    with pytest.raises(SystemExit, match=f"^{dataset}: can't reach the Hugging Face hub \\(offline\\?\\); use pydoc or a text file"):
         prepare.prepare(dataset, 'gpt2')
     assert time.time() - t0 < 5
     assert not os.path.exists('data')
