@@ -109,10 +109,6 @@ def tensors(state, config):
     """The tensors of a flat state dict as a checkpoint holds them: a tied lm_head is the embedding, stored once."""
     return {k: v for k, v in state.items() if torch.is_tensor(v) and not (config.tie and k == 'lm_head.weight')}
 
-def load_shards(tensors, shards):
-    """Fill tensors {name: tensor or DTensor} in place from a directory of DCP safetensors shards, any world size's."""
-    DCP.load(tensors, storage_reader=DCP.HuggingFaceStorageReader(shards))
-
 def load(path):
     """(model in eval mode, train.py config or None) from an HF name/dir/.gguf/'smollm2' or a train.py checkpoint
     (out_dir/ckpt.json, or out_dir)."""
@@ -124,7 +120,8 @@ def load(path):
     model, cfg = GPT(GPTConfig(**ckpt['model_args'])), ckpt['config']
     if cfg['method'] != 'dense':
         sf.sparsify(model, cfg['pattern'], cfg['score'], cfg['slorb'])
-    load_shards(tensors(dcp.get_model_state_dict(model), model.config), ckpt['dir'])
+    reader = DCP.HuggingFaceStorageReader(ckpt['dir'])  # the shards of any number of ranks
+    DCP.load(tensors(dcp.get_model_state_dict(model), model.config), storage_reader=reader)
     return model.eval(), cfg
 
 if __name__ == '__main__':

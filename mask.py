@@ -47,7 +47,8 @@ class MaskedLinear(torch.autograd.Function):
     def backward(ctx, g):
         x, w, mask, proj, q, hess = ctx.saved_tensors
         g2, x2 = g.flatten(0, -2), x.flatten(0, -2)  # (tokens, D), (tokens, C)
-        fisher = None if hess is None else g2.float().square().T @ x2.float().square()  # (D, C)
+        with torch.autocast(g.device.type, enabled=False):  # fp32 (SPEC): autocast would run this product in bf16
+            fisher = None if hess is None else g2.float().square().T @ x2.float().square()  # (D, C)
         if fisher is not None and not ctx.needs_input_grad[6]:
             hess.lerp_(fisher, 0.02)
         dx = g @ (w * proj.lerp(mask, q).to(w.dtype)).to(g.dtype)

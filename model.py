@@ -100,7 +100,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None, pos=0):
         """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy or None). Decoding with a KV cache
-        (tests/conftest.py: generate) passes cache, per layer [k, v] of (B, nkv, T_max, hd), and pos, idx's start."""
+        (eval.py: generate) passes cache, per layer [k, v] of (B, nkv, T_max, hd), and pos, idx's start."""
         assert pos + idx.size(1) <= self.config.block_size, f'{pos + idx.size(1)} tokens exceed the context'
         x, rope = self.embed(idx, pos)
         for i, block in enumerate(self.transformer.h):

