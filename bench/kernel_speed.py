@@ -167,7 +167,7 @@ def bench_decode(n_layer=32, new_tokens=128, dtype=torch.float16):
             sk.pack_model(model, '2:4')
         nbytes = sum(t.numel() * t.element_size() for t in list(model.transformer.h.parameters())
                      + list(model.transformer.h.buffers()))
-        generate(model, idx, 8)  # warmup: Triton compiles
+        generate(model, idx, new_tokens)  # warmup at the timed length: Triton compiles, cuBLAS picks its kernels
         torch.cuda.synchronize()
         t0 = time.time()
         out = generate(model, idx, new_tokens)

@@ -18,7 +18,6 @@ warmup = 0.01  # about 200 iterations
 eval_interval = 1000
 eval_tokens = 1_000_000
 log_interval = 20
-mask_init = 'dense'  # the paper's start (m = 1); 'sparsegpt' won at 16-64 iterations on SmolLM2 (README), untried here
 hess_interval = 10
 mask_interval = 10
 hard_end = 0.85  # the paper's windows (SPEC 6): at 20k steps the last 15% suffice to fine-tune under the frozen mask

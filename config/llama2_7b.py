@@ -1,10 +1,10 @@
 # SparseForge 2:4 on LLaMA-2-7B, context 4096, the paper's 5B-token budget, FSDP over 8 GPUs of 80 GB. Not run here (no
 # GPU in the sessions that wrote it); memory per rank from the README's formulas, with the activations measured on a
-# 7B-shaped block (bench/memory.py). GPU: 23.3 GB sharded state (fp32 student, grads, AdamW, mask and Proj(m), teacher:
-# 1/8 each) + 2.4 GB gathered blocks + 1 GB gathered root (bf16) + 28.9 GB activations at 1 x 4096 tokens + ~3 GB logits
-# and loss = ~59 GB of 80. Host: rank 0 reads the weights (one fp32 copy, 27-40 GB while loading) and broadcasts them,
-# each rank keeps its rows; every rank saves its own shards (DCP), nothing is gathered. So: 8 x 80 GB GPUs and >= 64 GB
-# of host memory. Not with --score=hessian (refused under FSDP). The paper reports about 50 GPU-hours (L20A).
+# 7B-shaped block (bench/memory.py). GPU: 29.8 GB sharded state (fp32 student, grads, AdamW, mask, Proj(m), Fisher EMA
+# and estimate, teacher: 1/8 each) + 3.2 GB gathered blocks + 1 GB gathered root (bf16) + 28.9 GB activations at
+# 1 x 4096 tokens + ~3 GB logits and loss = ~66 GB of 80. Host: rank 0 reads the weights (one fp32 copy, 27 GB) and
+# broadcasts them, each rank keeps its rows; every rank saves its own shards (DCP), nothing is gathered. So: 8 x 80 GB
+# GPUs and >= 64 GB of host memory. The paper reports about 50 GPU-hours (L20A).
 # Data: the paper used Dolmino-mix-1124; C4 is what prepare.py offers.
 #   python prepare.py c4 --model=meta-llama/Llama-2-7b-hf --tokens=5100000000
 #   torchrun --standalone --nproc_per_node=8 train.py config/llama2_7b.py
