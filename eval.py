@@ -180,7 +180,7 @@ if __name__ == '__main__':
         t0 = time.perf_counter()
         out = generate(m, idx, a.new_tokens).tolist()[0]  # .tolist() waits for the GPU
         print(f'{a.model}:{name} greedy decode {a.new_tokens / (time.perf_counter() - t0):.1f} tokens/s'
-              + (f': {a.prompt}{tok.decode(out[idx.size(1):])!r}' if a.prompt else ''))
+              + (f': {a.prompt + tok.decode(out[idx.size(1):])!r}' if a.prompt else ''))
     if a.export or a.tasks:
         out = a.export or 'out/hf_export'
         sf.merge(model)

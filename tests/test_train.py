@@ -288,9 +288,10 @@ def test_packed_model_is_the_masked_model(work, pattern):
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.search(rf'pattern {pattern}: 0 violating groups in 8 layers', p.stdout)
     ratio = float(re.search(r'decoder weights packed .* \((\S+)x\)', p.stdout)[1])
-    assert (0.5 < ratio < 0.54) if pattern == '2:4' else (0.5 <= ratio < 0.6), ratio  # fp32: 1/2 + 1/32 of codes
+    low = 0.5 + 1 / 32 * torch.cuda.is_available()  # 2:4 codes: 1/32 of fp32's bytes, 1/16 of fp16's (CUDA)
+    assert (low < ratio < low + 0.04) if pattern == '2:4' else (0.5 <= ratio < 0.6), ratio
     masked, packed = re.findall(r' (masked|packed) data/pydoc_tiny/val.bin ppl (\S+)', p.stdout)
-    assert masked[1] == packed[1], p.stdout
+    assert abs(float(masked[1]) / float(packed[1]) - 1) <= 1e-3 * torch.cuda.is_available(), p.stdout  # CPU: exact
     assert re.search(r'masked greedy decode [\d.]+ tokens/s', p.stdout) and 'packed greedy decode' in p.stdout
 
 @pytest.mark.parametrize('method', ['magnitude', 'wanda', 'sparsegpt'])
