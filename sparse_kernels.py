@@ -3,10 +3,10 @@
     model = sparse_kernels.pack_model(model, '2:4')  # or 'block16'; decoder Linears must already hold exact zeros
 
 2:4      vals [D, C/2] + meta [D, ceil(C/8)] uint8: per group of 4 along C a 4-bit code i0 | i1 << 2
-         (kept positions, i0 < i1), two groups a byte. fp16: 9/16 of the dense bytes.
-block16  tiles [D/16, K, 16, 16] + cols [D/16, K] int32: tiles[b, t] = W[16b:16b+16, 16*cols[b, t]:+16].T (in, out);
-         K = most nonzero tiles in any 16-row band, the other bands are padded with zero tiles."""
-import os
+         (kept positions, i0 < i1), two groups a byte. fp16: 9/16 of the dense bytes. Our Triton kernel.
+block16  torch's BSR format: the kept 16x16 tiles [n, 16, 16], crow [D/16 + 1] and col [n] indices (CSR over tiles);
+         F.linear runs torch's own Triton BSR kernel on CUDA (fp16, bf16) and its sparse matmul on CPU (fp32)."""
+import os, warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -14,18 +14,16 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'  # CPU: Triton if set at import (bf16 wrong), else the twin
+warnings.filterwarnings('ignore', 'Sparse BSR tensor support is in beta')  # public, documented, and what we mean
 
 # ----------------------------------------------------------------------------------------------------------- formats
-def _keep(nz, k):  # [..., n] bool -> [..., k] indices to store: nonzeros first, then the lowest zero slots, ascending
-    return (~nz).to(torch.uint8).argsort(dim=-1, stable=True)[..., :k].sort(-1).values
-
 def pack24(w):
     D, C = w.shape
     g = w.reshape(D, C // 4, 4)
     if bad := int(((g != 0).sum(-1) > 2).sum()):
         raise ValueError(f"weight [{D}, {C}] is not 2:4: {bad} of {D * C // 4} groups of 4 have more than 2 "
                          "nonzeros; harden the mask (exactly 2 per group) and zero the weight before packing")
-    idx = _keep(g != 0, 2)                                        # [D, C/4, 2] positions in 0..3
+    idx = (g == 0).to(torch.uint8).argsort(dim=-1, stable=True)[..., :2].sort(-1).values  # [D, C/4, 2] nonzeros first
     code = (idx[..., 0] | idx[..., 1] << 2).to(torch.uint8)       # [D, C/4]
     code = F.pad(code, (0, code.shape[1] % 2))                    # odd group count: pad to whole bytes
     return g.gather(-1, idx).reshape(D, C // 2), code[:, 0::2] | code[:, 1::2] << 4   # vals, meta
@@ -37,25 +35,20 @@ def unpack24(vals, meta):
     return vals.new_zeros(D, C // 4, 4).scatter_(-1, idx, vals.reshape(D, C // 4, 2)).reshape(D, C)
 
 def pack_block16(w):
-    D, C = w.shape
-    if D % 16 or C % 16:
-        raise ValueError(f"block16 needs both dims % 16 == 0, got [{D}, {C}]")
-    t = w.reshape(D // 16, 16, C // 16, 16).permute(0, 2, 3, 1)   # [D/16, C/16, 16, 16] (band, tile col, in, out)
-    nz = t.flatten(2).ne(0).any(-1)                               # [D/16, C/16]
-    cols = _keep(nz, int(nz.sum(1).max()))                        # [D/16, K]
-    return t[torch.arange(D // 16, device=w.device)[:, None], cols].contiguous(), cols.int()
+    bsr = w.to_sparse_bsr(16)
+    return bsr.values(), bsr.crow_indices(), bsr.col_indices()
 
-def unpack_block16(tiles, cols, C):
-    B = cols.shape[0]
-    t = tiles.new_zeros(B, C // 16, 16, 16)
-    t[torch.arange(B, device=tiles.device)[:, None], cols.long()] = tiles
-    return t.permute(0, 3, 1, 2).reshape(B * 16, C)
+def bsr(tiles, crow, col, C):  # the BSR tensor [D, C] over the packed buffers (no copy; pack_block16 made them valid)
+    return torch.sparse_bsr_tensor(crow, col, tiles, (16 * (len(crow) - 1), C), check_invariants=False)
+
+def matmul_block16(x, tiles, crow, col, bias=None):
+    return F.linear(x, bsr(tiles, crow, col, x.shape[-1]), bias)
 
 # PyTorch twins: the spec each kernel must match
 def matmul24_ref(x, vals, meta, bias=None):
     return F.linear(x, unpack24(vals, meta), bias)
-def matmul_block16_ref(x, tiles, cols, bias=None):
-    return F.linear(x, unpack_block16(tiles, cols, x.shape[-1]), bias)
+def matmul_block16_ref(x, tiles, crow, col, bias=None):
+    return F.linear(x, bsr(tiles, crow, col, x.shape[-1]).to_dense(), bias)
 
 # ------------------------------------------------ the 2:4 Triton kernel: a program computes y[BM rows, BN cols] in fp32
 @triton.jit
@@ -83,37 +76,30 @@ def matmul24(x, vals, meta, bias=None):
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     (M, C), D = x2.shape, len(vals)
     BM, BN, BK = DECODE if M <= 16 else PREFILL
-    y = torch.empty(M, D, dtype=x.dtype, device=x.device)
+    y = x2.new_empty(M, D)
     prec = 'ieee' if x.dtype == torch.float32 else 'tf32'
     _matmul24_kernel[triton.cdiv(M, BM), triton.cdiv(D, BN)](x2, vals, meta, y, M, D, C, len(meta[0]), prec, BM, BN, BK)
     return (y if bias is None else y + bias).reshape(*x.shape[:-1], D)  # the bias: one add, outside the kernel
 
-def matmul_block16(x, tiles, cols, bias=None):
-    """Decode: a batched matmul over each band's kept (dense) tiles reads only them; prefill (M > 16): the twin."""
-    if x.numel() > 16 * x.shape[-1]:
-        return matmul_block16_ref(x, tiles, cols, bias)
-    xt = x.reshape(-1, x.shape[-1] // 16, 16)[:, cols.long()].flatten(2)  # [M, D/16, K*16]: x under each kept tile
-    y = torch.bmm(xt.transpose(0, 1), tiles.flatten(1, 2)).transpose(0, 1).reshape(*x.shape[:-1], -1)
-    return y if bias is None else y + bias
-
 # ------------------------------------------------------------------------------------------------------- module swap
-FORMATS = {'2:4': (pack24, matmul24, matmul24_ref), 'block16': (pack_block16, matmul_block16, matmul_block16_ref)}
+FORMATS = {'2:4': (('vals', 'meta'), pack24, matmul24, matmul24_ref),  # buffers, pack, kernel, twin
+           'block16': (('tiles', 'crow', 'col'), pack_block16, matmul_block16, matmul_block16_ref)}
 
 class PackedLinear(nn.Module):
-    """Drop-in nn.Linear storing only the packed weight: vals, meta = (vals, meta) 2:4 or (tiles, cols) block16."""
+    """Drop-in nn.Linear storing only the packed weight, as FORMATS[pattern] names its buffers."""
     def __init__(self, linear, pattern):
         super().__init__()
-        self.pattern, self.in_features, self.out_features = pattern, linear.in_features, linear.out_features
-        for name, t in zip(('vals', 'meta'), FORMATS[pattern][0](linear.weight.detach())):
+        self.names, pack, self.kernel, self.twin = FORMATS[pattern]
+        for name, t in zip(self.names, pack(linear.weight.detach())):
             self.register_buffer(name, t)
         self.register_buffer('bias', None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x):
-        return FORMATS[self.pattern][1 if x.is_cuda or INTERPRET else 2](x, self.vals, self.meta, self.bias)
+        matmul = self.kernel if x.is_cuda or INTERPRET else self.twin
+        return matmul(x, *[getattr(self, n) for n in self.names], self.bias)
 
 def pack_model(model, pattern):  # swap every nn.Linear inside the decoder blocks; embeddings and lm_head stay dense
-    for module in list(model.transformer.h.modules()):  # list: we setattr while walking
-        for name, child in module.named_children():
-            if isinstance(child, nn.Linear):
-                setattr(module, name, PackedLinear(child, pattern))
+    for name, child in list(model.transformer.h.named_modules()):  # list: we swap while walking
+        if isinstance(child, nn.Linear):
+            model.transformer.h.set_submodule(name, PackedLinear(child, pattern))
     return model

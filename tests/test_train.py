@@ -256,7 +256,7 @@ def test_crash_mid_save_keeps_the_old_checkpoint(work, straight, split):
                  id='sparsegpt-block16'),
     pytest.param(['typed.py'], ["--max_iters='8'", 'expected int, got str'], False, id='config-file-type'),
     pytest.param(['nosuch.py'], ['config file nosuch.py not found'], False, id='config-file-missing'),
-    pytest.param(['unknown.py'], ["unknown.py sets unknown config keys ['lerning_rate']"], False, id='config-file-key'),
+    pytest.param(['unknown.py'], ["unknown.py: unknown config key 'lerning_rate'"], False, id='config-file-key'),
 ])
 def test_bad_input_is_one_clear_line(work, args, says, traceback):
     (work / 'typed.py').write_text("max_iters = '8'\n")
