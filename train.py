@@ -221,7 +221,7 @@ def get_lr(it):
 def get_mask_schedule(it):
     """(T, beta, lam, x): T geometric per update, beta smoothstep and x 1 -> 0 over the hardening window, lam linear."""
     u = min(1.0, max(0.0, (it - it_hard0) / max(1, it_hard1 - it_hard0)))
-    updates = max(0, (it - it_mask) // mask_interval + 1)
+    updates = max(0, min(it, it_hard1 - 1) // mask_interval - (it_mask - 1) // mask_interval)  # in [it_mask, it_hard1)
     lam = mid_penalty * min(1.0, max(0.0, (it - it_mask) / max(1, it_hard1 - it_mask)))
     return max(T_min, gamma ** updates), 3 * u ** 2 - 2 * u ** 3, lam, 1.0 - u
 

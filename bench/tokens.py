@@ -152,8 +152,10 @@ for ax, key, label in zip(axes, ('val_ppl', 'general_ppl'), (f'{a.dataset} val p
         ys = [statistics.mean(v) for _, v in pts]
         err = [statistics.stdev(v) if len(v) > 1 else 0 for _, v in pts]
         ax.errorbar([it for it, _ in pts], ys, yerr=err, color=color, marker='o', capsize=3, label=m)
-    ax.set(xscale='log', yscale='log', xlabel=f'retraining iterations ({a.batch_size} x {a.block_size} tokens)',
+    ax.set(xscale='log', xlabel=f'retraining iterations ({a.batch_size} x {a.block_size} tokens)',
            ylabel=label, title=f'{a.model}, 2:4: {label}')
+    ax.set_xticks(budgets, [str(b) for b in budgets])  # the budgets themselves, not powers of ten
+    ax.minorticks_off()
     ax.grid(True, which='both', alpha=0.3)
 axes[0].legend(fontsize=8)
 plt.savefig(os.path.join(a.out, 'tokens.png'), dpi=120, bbox_inches='tight')

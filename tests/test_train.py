@@ -274,7 +274,9 @@ def test_training_ends_exactly_2_4(work):
               '--out_dir=e2e')
     ck = saved(work / 'e2e')[1]
     xs = [v.item() for k, v in ck.items() if k.endswith('.x')]
-    assert xs == [0.0] * 8  # m_eff = Proj(m) since the quench ended at int(0.85 * 30) = 25
+    assert xs == [0.0] * 8  # m_eff = Proj(m) since the quench ended at int(0.5 * 30) = 15
+    # the log's T is gamma to the updates done: one an iteration from 0, none once the mask froze at int(0.5 * 30)
+    assert re.findall(r' T (\S+)', p.stdout) == [f'{0.97 ** n:.3f}' for n in (1, 11, 15)]  # iterations 0, 10, 20
     assert_exact_2_4(work / 'e2e', work, ppl(p.stdout, 'final'))
 
 @pytest.mark.parametrize('pattern', ['2:4', 'block16'])
