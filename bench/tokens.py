@@ -1,20 +1,22 @@
 """
 SparseForge against the baselines at equal token budgets, on three measures, over seeds: pydoc val perplexity (the
 training domain), perplexity on general English never trained on (BoolQ's Wikipedia passages, prepare.py boolq), and
-the seven-task zero-shot mean (eval.py --tasks=paper). Every row is `python train.py ...` (then `python eval.py` on its
-checkpoint) in the current directory, where data/ is; a row's results are kept in <out>/<method>_<iters>_s<seed>/
-row.json, so a bench that was stopped resumes where it was. Prints the rows and a summary (mean +- sample std over
-seeds), writes <out>/tokens.csv and <out>/tokens.png (val and general perplexity against retraining tokens).
+the seven-task zero-shot mean (lm-eval's group `sparseforge`, tasks/sparseforge.yaml). Every row is `python train.py
+...` (then `python eval.py` on its checkpoint) in the current directory, where data/ is; a row's results are kept in
+<out>/<method>_<iters>_s<seed>/row.json, so a bench that was stopped resumes where it was. Prints the rows and a summary
+(mean +- sample std over seeds), writes <out>/tokens.csv and <out>/tokens.png (val and general perplexity against
+retraining tokens).
 
-    python prepare.py pydoc --model=smollm2 && python prepare.py boolq --model=smollm2 --tokens=65536
+    python prepare.py pydoc --model=smollm2 && python bench/boolq.py --model=smollm2 --tokens=65536
     python bench/tokens.py --methods=sparseforge,sparsegpt-ft --budgets=16,64 --seeds=1337,1,2   # the seed study
     python bench/tokens.py --methods=sf-dense,sparsegpt-ft --budgets=16,64,256 --batch_size=1 --zero_shot=  # a curve
 
-Methods: dense and the one-shot baselines (magnitude, wanda, sparsegpt) run once, at 0 tokens; the same followed by KD
-fine-tuning under their frozen mask (wanda-ft, sparsegpt-ft: prune-then-fine-tune, the bar practitioners use);
-SparseForge as shipped (sparseforge), from m = 1 (sf-dense, the paper's start) and with each
-score; KD fine-tuning of the dense model (kd-dense). On a GPU train.py picks cuda and bf16 itself; --extra passes
-anything else to every train.py run.
+Methods: dense and the one-shot baselines (magnitude, wanda, sparsegpt: bench/prune.py, calibrated on 32 sequences
+drawn with the row's seed) run once, at 0 tokens; the same followed by KD fine-tuning under their frozen mask
+(wanda-ft, sparsegpt-ft: train.py --mask_init=zeros on the pruned checkpoint, prune-then-fine-tune, the bar
+practitioners use); SparseForge as shipped (sparseforge), from m = 1 (sf-dense, the paper's start) and with each score;
+AST (config/ast_smollm2.py's method); KD fine-tuning of the dense model (kd-dense). On a GPU train.py picks cuda and
+bf16 itself; --extra passes anything else to every train.py run.
 """
 import argparse, csv, json, os, re, shlex, shutil, statistics, subprocess, sys, time
 import matplotlib
@@ -24,31 +26,32 @@ import matplotlib.pyplot as plt
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {  # name -> train.py arguments
     'dense': ['--method=dense', '--w_kl=0.0'],  # evaluated only (0 iterations), so no teacher
-    'magnitude': ['--method=magnitude'],
-    'wanda': ['--method=wanda'],
-    'sparsegpt': ['--method=sparsegpt'],
+    'magnitude': ['--mask_init=zeros'],                       # bench/prune.py's checkpoint, evaluated as it is
+    'wanda': ['--mask_init=zeros'],
+    'sparsegpt': ['--mask_init=zeros'],
     'sparseforge': [],                                        # the shipped default: m = 1, the Fisher score
     'sf-hessian': ['--mask_init=dense', '--score=hessian'],   # the same, spelled out (the rows of older defaults)
     'sf-dense': ['--mask_init=dense', '--score=wanda'],       # the paper's start, m = 1, with Wanda's statistics
     'sf-magnitude': ['--mask_init=dense', '--score=magnitude'],
-    'sf-sparsegpt': ['--mask_init=sparsegpt', '--score=wanda'],  # from SparseGPT's mask and re-fit weights (the
-                                                                 # default until 2026-12-04: its mask never moves)
-    'wanda-ft': ['--method=wanda'],                           # prune, then KD fine-tuning under the frozen mask
-    'sparsegpt-ft': ['--method=sparsegpt'],
+    'wanda-ft': ['--mask_init=zeros'],                        # prune, then KD fine-tuning under the frozen mask
+    'sparsegpt-ft': ['--mask_init=zeros'],
+    'ast': ['--method=ast', '--score=magnitude', '--mask_interval=10', '--mask_start=0.0'],  # config/ast_smollm2.py
     'kd-dense': ['--method=dense'],                           # KD fine-tuning without a mask
 }
+PRUNED = {'magnitude': 'magnitude', 'wanda': 'wanda', 'sparsegpt': 'sparsegpt', 'wanda-ft': 'wanda',
+          'sparsegpt-ft': 'sparsegpt'}  # method -> the bench/prune.py baseline it starts from
 ONCE = ('dense', 'magnitude', 'wanda', 'sparsegpt')  # no retraining: run once, at 0 tokens (calibration not counted)
 
 p = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0])
 p.add_argument('--model', default='smollm2', help='train.py --init_from: HF name, local dir, .gguf or smollm2')
 p.add_argument('--dataset', default='pydoc', help='data/<dataset>_<model>/ from prepare.py: the training corpus')
-p.add_argument('--general', default='boolq', help='data/<general>_<model>/test.bin from prepare.py: never trained on')
+p.add_argument('--general', default='boolq', help='data/<general>_<model>/test.bin (bench/boolq.py): never trained on')
 p.add_argument('--budgets', default='16,64', help='comma-separated retraining iterations')
 p.add_argument('--seeds', default='1337', help='comma-separated train.py --seed values (data order, calibration)')
 p.add_argument('--methods', default='dense,sparsegpt,wanda,sparseforge,sf-dense,sf-hessian,sparsegpt-ft,wanda-ft',
                help='comma-separated, from: ' + ', '.join(METHODS))
 p.add_argument('--zero_shot', default='64', help='budgets whose models get the seven tasks (0: the one-shot rows)')
-p.add_argument('--limit', type=int, default=500, help='eval.py --limit: documents per zero-shot task')
+p.add_argument('--limit', type=int, default=500, help="lm-eval's --limit: documents per zero-shot task")
 p.add_argument('--batch_size', type=int, default=4)
 p.add_argument('--block_size', type=int, default=256, help='training sequence and evaluation window length')
 p.add_argument('--out', default='out/bench')
@@ -60,12 +63,15 @@ if unknown := set(methods) - set(METHODS):
 tag = os.path.basename(a.model.rstrip('/')).lower().removesuffix('.gguf')  # as prepare.data_dir names it
 general = os.path.join('data', f'{a.general}_{tag}', 'test.bin')
 if not os.path.exists(general):
-    sys.exit(f'{general} not found: run  python prepare.py {a.general} --model={a.model} --tokens=65536')
+    sys.exit(f'{general} not found: run  python bench/boolq.py --model={a.model} --tokens=65536')
 env = {'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', **os.environ}  # offline unless the caller says otherwise
-if a.zero_shot and env['HF_DATASETS_OFFLINE'] == '1' and not os.path.isdir('data/tasks'):  # eval.py reads them offline
-    subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'offline_tasks.py')], env=env, check=True)
-common = [f'--init_from={a.model}', f'--dataset={a.dataset}', f'--batch_size={a.batch_size}',
-          f'--block_size={a.block_size}', '--log_interval=1'] + shlex.split(a.extra)
+TASKS = os.path.join(ROOT, 'tasks')  # the group sparseforge, and offline the local copies (bench/offline_tasks.py)
+if a.zero_shot and env['HF_DATASETS_OFFLINE'] == '1' and not os.path.isdir(os.path.join(TASKS, 'local')):
+    subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'offline_tasks.py'), os.path.join(TASKS, 'local')],
+                   env=env, check=True)
+data_dir = os.path.join('data', f'{a.dataset}_{tag}')  # as prepare.data_dir names it
+common = [f'--dataset={a.dataset}', f'--batch_size={a.batch_size}', f'--block_size={a.block_size}',
+          '--log_interval=1'] + shlex.split(a.extra)
 
 def sh(cmd, log):
     """Run cmd, append its output to the file log, return stdout; a failure stops the bench with its tail."""
@@ -84,7 +90,13 @@ def run(name, iters, seed):
     shutil.rmtree(d, ignore_errors=True)  # a row that was stopped half-way
     os.makedirs(d)
     t0 = time.time()
-    out = sh([sys.executable, os.path.join(ROOT, 'train.py')] + METHODS[name] + common + [
+    start = [f'--init_from={a.model}']
+    if name in PRUNED:  # one-shot first: a pruned HF checkpoint, fine-tuned (or only scored) under its zeros
+        sh([sys.executable, os.path.join(ROOT, 'bench', 'prune.py'), PRUNED[name], f'--model={a.model}',
+            f'--dataset={a.dataset}', f'--block_size={a.block_size}', f'--seed={seed}', f'--out={d}/pruned'],
+           os.path.join(d, 'log.txt'))
+        start = [f'--init_from={d}/pruned', f'--dataset={data_dir}']
+    out = sh([sys.executable, os.path.join(ROOT, 'train.py')] + METHODS[name] + common + start + [
         f'--max_iters={iters}', f'--eval_interval={max(1, iters)}', f'--seed={seed}', f'--out_dir={d}'],
         os.path.join(d, 'log.txt'))
     wall = time.time() - t0
@@ -97,11 +109,16 @@ def run(name, iters, seed):
                flips=updates, wall_s=round(wall), ms_iter=round(sum(ms) / len(ms)) if ms else None)
     zs = str(iters if name not in ONCE else 0) in a.zero_shot.split(',')
     cmd = [sys.executable, os.path.join(ROOT, 'eval.py'), d, f'--data={general}', f'--block_size={a.block_size}']
-    out = sh(cmd + [f'--tasks=paper', f'--limit={a.limit}', f'--export={d}/hf'] * zs, os.path.join(d, 'log.txt'))
-    row['general_ppl'] = float(re.search(r' ppl ([\d.]+)', out)[1])
     if zs:
-        row |= {t: float(x) for t, x in re.findall(r'^\|(\w+) *\|[^|]*\|[^|]*\|[^|]*\|acc +\|[^|]*\| *([\d.]+)\|', out, re.M)}
-        row['mean_acc'] = float(re.search(r'mean acc over 7 tasks ([\d.]+)', out)[1])
+        cmd.append(f'--export={d}/hf')
+    out = sh(cmd, os.path.join(d, 'log.txt'))
+    row['general_ppl'] = float(re.search(r' ppl ([\d.]+)', out)[1])
+    if zs:  # lm-eval's own command on the export, as the README shows it
+        out = sh([sys.executable, '-m', 'lm_eval', '--model', 'hf', '--model_args', f'pretrained={d}/hf,dtype=float32',
+                  '--tasks', 'sparseforge', '--include_path', TASKS, '--limit', str(a.limit), '--batch_size', '8'],
+                 os.path.join(d, 'log.txt'))
+        row |= {t: float(x) for t, x in re.findall(r'^\| - (\w+) *\|[^|]*\|none *\| *0\|acc +\|[^|]*\| *([\d.]+)\|', out, re.M)}
+        row['mean_acc'] = float(re.search(r'^\|sparseforge\|[^|]*\|none *\| *0\|acc +\|[^|]*\| *([\d.]+)\|', out, re.M)[1])
         row['acc_no_boolq'] = round((7 * row['mean_acc'] - row['boolq']) / 6, 4)  # BoolQ alone swings on yes/no bias
     for f in os.listdir(d):  # the checkpoint (weights, masks, AdamW: ~1.5 GB for SmolLM2) and the export: not needed
         if os.path.isdir(os.path.join(d, f)):

@@ -1,5 +1,5 @@
 # SparseForge 2:4 on GPT-2 XL (1.5B) with C4, the paper's 1.25B-token budget.
-# Hardware: 8 GPUs of 80 GB (A100/H100), DDP; roughly a day (not run here: no GPU in the session that wrote it).
+# Hardware: 8 GPUs of 80 GB (A100/H100), DDP; roughly a day (an estimate: not yet run on GPUs).
 #   python prepare.py c4 --model=openai-community/gpt2-xl --tokens=1300000000
 #   torchrun --standalone --nproc_per_node=8 train.py config/gpt2_xl_24.py
 # Tokens: 8 sequences * 1024 * 8 accumulation steps = 65,536 per iteration; 19,073 iterations = 1.25B.
@@ -20,4 +20,4 @@ eval_tokens = 1_000_000
 log_interval = 20
 hess_interval = 10
 mask_interval = 10
-hard_end = 0.85  # the paper's windows (SPEC 6): at 20k steps the last 15% suffice to fine-tune under the frozen mask
+hard_end = 0.85  # the paper's windows: at 20k steps the last 15% suffice to fine-tune under the frozen mask

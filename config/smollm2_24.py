@@ -9,12 +9,12 @@ init_from = 'smollm2'
 dataset = 'pydoc'
 method = 'sparseforge'
 pattern = '2:4'
-mask_init = 'dense'  # the paper's start, m = 1; 'sparsegpt' wins on pydoc val, not on general text (README)
-score = 'hessian'  # OBD's saliency with the per-position Fisher diagonal (README, The Hessian)
+mask_init = 'dense'  # the paper's start, m = 1
+score = 'hessian'  # OBD's saliency with the per-position Fisher diagonal (RESULTS.md, The Hessian)
 batch_size = 4
 block_size = 256
 max_iters = 64  # 4 * 256 = 1,024 tokens per iteration, 65,536 tokens in all
 mask_interval = 4
 hard_end = 0.5  # tuned on val: the paper's 0.85 leaves too few steps under the frozen mask at this budget
-learning_rate = 8e-4  # tuned on pydoc val over 1e-4 .. 1.6e-3 (README)
+learning_rate = 8e-4  # tuned on pydoc val over 1e-4 .. 1.6e-3
 min_lr = 8e-5

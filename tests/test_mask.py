@@ -46,7 +46,9 @@ def test_fisher_is_exact_and_estimates_the_gauss_newton_diagonal():
     exact = per_token(w_eff, x[:, None], y[:, None]).square().sum(0) / 16 ** 2  # dL/dy_t of the mean loss is 1/16
     l.estimate = True
     F.cross_entropy(torch.tanh(l(x)) * 3, y).backward()
-    assert torch.allclose(l.hess / 0.02, exact, rtol=1e-5, atol=1e-12)  # one estimate: H = 0.02 * estimate
+    assert torch.allclose(l.hess.grad, exact, rtol=1e-5, atol=1e-12)  # the step's estimate, in hess.grad
+    sf.fisher_from_grad([l], micro_steps=1)
+    assert torch.allclose(l.hess / 0.02, exact, rtol=1e-5, atol=1e-12) and l.hess.grad is None  # H = 0.02 * estimate
     ggn = torch.zeros(4, 8)
     for xt in x:  # J^T (diag(p) - p p^T) J per token, J = d logits / dW (4, 4 * 8)
         J = torch.func.jacrev(logits)(w_eff, xt).reshape(4, 32)
@@ -56,10 +58,26 @@ def test_fisher_is_exact_and_estimates_the_gauss_newton_diagonal():
         probs = logits(w_eff, x).softmax(-1)
     mean = torch.zeros(4, 8)
     for _ in range(2000):  # labels drawn from the model, one estimate each
-        l.hess.zero_()
+        l.hess.grad = None
         F.cross_entropy(torch.tanh(l(x)) * 3, torch.multinomial(probs, 1)[:, 0]).backward()
-        mean += l.hess / 0.02 / 2000
+        mean += l.hess.grad / 2000
     assert (mean - ggn).norm() / ggn.norm() < 0.05
+
+def test_fisher_ema_advances_once_per_step():
+    """Gradient accumulation: the micro-steps' estimates add up in hess.grad, and the EMA advances once a step, by
+    their mean per micro-batch (the loss divided by the micro-steps, as train.py divides it)."""
+    l, ref = layer(4, 8), layer(4, 8)  # the same weights
+    l.estimate = ref.estimate = True
+    x = torch.randn(3, 16, 8)
+    estimates = []
+    for xm in x:
+        (l(xm).square().mean() / 3).backward()
+        ref.hess.grad = None
+        ref(xm).square().mean().backward()
+        estimates.append(ref.hess.grad)
+    assert torch.equal(l.hess, torch.zeros(4, 8))  # nothing moved yet
+    sf.fisher_from_grad([l], micro_steps=3)
+    assert torch.allclose(l.hess, 0.02 * sum(estimates) / 3, rtol=1e-5, atol=1e-12)
 
 def test_fisher_in_a_model_carries_signal():
     torch.manual_seed(0)
@@ -70,6 +88,7 @@ def test_fisher_in_a_model_carries_signal():
         l.estimate = True
     idx = torch.randint(0, 64, (4, 32))
     model(idx, idx)[1].backward()  # an ordinary backward, through fused attention
+    sf.fisher_from_grad(layers, micro_steps=1)
     for l in layers:
         assert l.hess.min() >= 0 and l.hess.mean() > 0
         differs = (sf.project(sf.score(l, 'hessian'), '2:4') != sf.project(sf.score(l, 'magnitude'), '2:4'))
@@ -97,7 +116,8 @@ def test_straight_through_then_frozen():
     assert (zeros == 0).all() and not torch.signbit(zeros).any()  # exact +0.0, never -0.0
     assert (l.weight[~pruned] != 0).all() and pruned.float().mean() == 0.5
 
-def test_sparsegpt_beats_wanda_beats_magnitude():
+def test_sparsegpt_beats_wanda_beats_magnitude():  # bench/prune.py's one-shot baselines
+    from bench.prune import sparsegpt
     torch.manual_seed(0)
     C, D = 64, 32
     X = torch.randn(2048, 16) @ torch.randn(16, C) + 0.1 * torch.randn(2048, C)  # correlated inputs
@@ -107,7 +127,7 @@ def test_sparsegpt_beats_wanda_beats_magnitude():
     err = lambda Wp: ((X @ W.T - X @ Wp.T) ** 2).mean().item()
     mag = err(W * sf.project(W.abs(), '2:4'))
     wanda = err(W * sf.project(W.abs() * X.pow(2).mean(0).sqrt(), '2:4'))
-    Wsg, keep = sf.sparsegpt(W, H.clone(), 2, 4, blocksize=32)
+    Wsg, keep = sparsegpt(W, H.clone(), 2, 4, blocksize=32)
     assert (keep.view(-1, 4).sum(-1) == 2).all() and torch.equal(Wsg != 0, keep.bool())
     sgpt = err(Wsg)
     assert sgpt < 0.8 * wanda and wanda < 0.8 * mag, (sgpt, wanda, mag)

@@ -40,7 +40,7 @@ def test_names(tmp_path):
 def test_pydoc_smollm2(tmp_path, monkeypatch, capsys):
     assert prepare.locate('smollm2') == smollm2()
     monkeypatch.chdir(tmp_path)
-    prepare.prepare('pydoc', 'smollm2')
+    prepare.prepare('pydoc', 'smollm2', prepare.sources('pydoc'))
     out = os.path.join('data', 'pydoc_smollm2')
     # 113,030 tokens in 79 topics plus 78 separators; val is the last 10%
     meta = dict(dataset='pydoc', tokenizer='smollm2', dtype='uint16', vocab_size=49152, eot=2,
@@ -74,14 +74,14 @@ def test_hub_dataset_offline_fails_fast(dataset, tmp_path, monkeypatch):  # fail
     monkeypatch.chdir(tmp_path)
     t0 = time.time()
     with pytest.raises(SystemExit, match=f"^{dataset}: can't reach the Hugging Face hub \\(offline\\?\\); use pydoc or a text file"):
-        prepare.prepare(dataset, 'gpt2')
+        prepare.sources(dataset)
     assert time.time() - t0 < 5
     assert not os.path.exists('data')
 
 def test_unknown_dataset(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="unknown dataset 'nosuch.txt'"):
-        prepare.prepare('nosuch.txt', 'gpt2')
+        prepare.sources('nosuch.txt')
 
 def test_bad_input_is_one_clear_line(tmp_path, gpt2_tokenizer):
     (tmp_path / 'empty.txt').write_text('')

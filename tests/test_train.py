@@ -1,7 +1,8 @@
 """train.py end to end, on CPU, on a tiny random Llama (2 layers, C = 64) in subprocesses: a split run resumes
-bit for bit, torchrun (gloo) gives the single-process numbers and FSDP DDP's, a crash mid-save keeps the old
-checkpoint, bad input is one clear line, and training and the one-shot baselines all end exactly 2:4. A checkpoint is
-out_dir/ckpt.json naming out_dir/ckpt_<iter>/ (DCP's safetensors shards); saved() reads it as eval.py does."""
+bit for bit (the saved run's config, not the command's), torchrun (gloo) gives the single-process numbers and FSDP
+DDP's, a crash mid-save keeps the old checkpoint, bad input is one clear line, training ends exactly 2:4, and a pruned
+checkpoint fine-tunes under its own zeros. A checkpoint is out_dir/ckpt.json naming out_dir/ckpt_<iter>/ (DCP's
+safetensors shards); saved() reads it as eval.py does."""
 import os
 import re
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 from conftest import ROOT, one_line_error, run
 from eval import load, check_pattern, perplexity
+from model import GPT
 import mask as sf
 
 TRAIN = os.path.join(ROOT, 'train.py')
@@ -26,6 +28,7 @@ QUENCH = ['--max_iters=6', '--eval_interval=3', '--log_interval=1', '--mask_inte
 @pytest.fixture(scope='module')
 def work(tmp_path_factory):
     """A directory train.py can run in: tiny/ (an HF Llama dir) and data/pydoc_tiny/ (uniform random tokens)."""
+    import tokenizers
     import transformers
     d = tmp_path_factory.mktemp('train')
     torch.manual_seed(0)
@@ -36,6 +39,10 @@ def work(tmp_path_factory):
     for p in hf.parameters():  # std 0.2, not 0.02: pruning then moves the perplexity by far more than 0.01
         p.data.normal_(0, 0.2)
     hf.save_pretrained(d / 'tiny')
+    vocab = {f't{i}': i for i in range(127)} | {'<eos>': 127}  # a tokenizer, for the exports of bench/prune.py
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token='<eos>'))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token='<eos>').save_pretrained(d / 'tiny')
     rng = np.random.default_rng(0)
     for name in ('pydoc_tiny', 'pydoc_not-a-model'):  # the second lets the unknown-model error get past the data check
         (d / 'data' / name).mkdir(parents=True)
@@ -107,11 +114,11 @@ def straight(work):
 
 @pytest.fixture(scope='module')
 def split(work, straight):
-    """The same 6 iterations as two runs, stopped at 3 and resumed: (stdout, stdout); the checkpoint at 3 is
-    kept in split3/, the one at 6 is in split/."""
+    """The same 6 iterations as two runs, stopped at 3 and resumed with no other option (the saved run's config
+    continues): (stdout, stdout); the checkpoint at 3 is kept in split3/, the one at 6 is in split/."""
     first = train(work, *TINY, *QUENCH, '--out_dir=split', '--stop_iter=3').stdout
     shutil.copytree(work / 'split', work / 'split3')
-    return first, train(work, *TINY, *QUENCH, '--out_dir=split', '--init_from=resume').stdout
+    return first, train(work, '--out_dir=split', '--init_from=resume').stdout
 
 # -----------------------------------------------------------------------------
 
@@ -148,16 +155,24 @@ def test_resumed_checkpoint_resumes_again(work, straight, split):
     assert p.returncode == 0, p.stderr.strip().splitlines()[-1]
     assert ppl(p.stdout, 'final') == ppl(straight, 'final')
 
-@pytest.mark.parametrize('method', ['sparseforge', 'sparsegpt'])
-def test_torchrun_matches_single_process(work, straight, method):
-    p = train(work, *TINY, f'--method={method}', '--n_calib=8', '--max_iters=3', '--eval_interval=3',
-              '--log_interval=1', '--gradient_accumulation_steps=2', f'--out_dir=ddp_{method}', torchrun=True)
+def test_resume_refuses_a_changed_run(work, straight, split):
+    """A resume is the saved run: an option that would change its math is refused in one line naming it (the saved
+    value beside it); options of the launch (stop_iter, eval_interval, ...) may differ."""
+    shutil.copytree(work / 'split3', work / 'changed')
+    p = train(work, '--out_dir=changed', '--init_from=resume', '--max_iters=64', '--learning_rate=1e-3', ok=False)
+    one_line_error(p, 'continues the saved run, and learning_rate, max_iters would change it',
+                   'learning_rate=0.0008', 'max_iters=6')
+    p = train(work, '--out_dir=changed', '--init_from=resume', '--stop_iter=4', '--log_interval=1')
+    assert losses(p.stdout) == {3: losses(straight)[3]} and 'stopped sparseforge 2:4: val ppl' in p.stdout
+
+def test_torchrun_matches_single_process(work, straight):
+    p = train(work, *TINY, '--max_iters=3', '--eval_interval=3', '--log_interval=1',
+              '--gradient_accumulation_steps=2', '--out_dir=ddp', torchrun=True)
     assert p.stdout.count('tokens per iteration: 256,') == 1  # rank 0 only; 2 ranks x 1 micro-step x 4 x 32
     assert len(re.findall('^final ', p.stdout, re.M)) == 1
-    if method == 'sparseforge':
-        assert losses(p.stdout)[0] == losses(straight)[0]  # rank 0's micro-batch is the single process's
+    assert losses(p.stdout)[0] == losses(straight)[0]  # rank 0's micro-batch is the single process's
     # rank 0's checkpoint has the perplexity that both ranks computed together: their models agree
-    assert_exact_2_4(work / f'ddp_{method}', work, ppl(p.stdout, 'final'))
+    assert_exact_2_4(work / 'ddp', work, ppl(p.stdout, 'final'))
 
 def test_fsdp_matches_ddp_and_resumes_exactly(work):
     """FSDP2 (gloo, 2 ranks) shards weights, masks and Adam by rows: DDP's losses, masks and 2:4 result, and a run
@@ -184,15 +199,18 @@ def test_fsdp_matches_ddp_and_resumes_exactly(work):
     assert ppl(one, 'final') == ppl(fs, 'final')
 
 def test_fsdp_hessian_matches_ddp(work):
-    """The Fisher score under FSDP: each rank's estimate is reduce-scattered with the gradients to the rows it holds,
-    and the run gives DDP's losses, Fisher EMA and binary masks."""
-    args = [*TINY, *QUENCH, '--gradient_accumulation_steps=2', '--eval_tokens=544']  # QUENCH: hessian, every step
+    """The Fisher score under FSDP: each rank's estimate is reduce-scattered with the gradients to the rows it holds.
+    With 2 micro-steps a rank the EMA advances once per step in both (their sum is the estimate): DDP's losses, Fisher
+    EMA to float tolerance and binary masks. (When DDP advanced it per micro-step, its EMA was 0.96 of FSDP's.)"""
+    args = [*TINY, *QUENCH, '--gradient_accumulation_steps=4', '--eval_tokens=544']  # QUENCH: hessian, every step
     ddp = train(work, *args, '--out_dir=hess_ddp', torchrun=True).stdout
     fs = train(work, *args, '--fsdp=True', '--out_dir=hess_fsdp', torchrun=True).stdout
     assert len(losses(fs)) == 6 and all(abs(float(x) - float(losses(ddp)[i])) < 2e-4 for i, x in losses(fs).items())
     a, b = saved(work / 'hess_ddp')[1], saved(work / 'hess_fsdp')[1]
     hess = [k for k in a if k.endswith('.hess')]
-    assert len(hess) == 8 and all(a[k].abs().sum() > 0 and torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-9) for k in hess)
+    assert len(hess) == 8
+    for k in hess:
+        assert a[k].abs().sum() > 0 and torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-12), k
     assert all(torch.equal(a[k], b[k]) for k in a if k.endswith(('mask', 'proj')))
 
 def test_crash_mid_save_keeps_the_old_checkpoint(work, straight, split):
@@ -243,17 +261,17 @@ def test_crash_mid_save_keeps_the_old_checkpoint(work, straight, split):
                                         '--init_from=resume, or use another --out_dir'], False, id='fresh-over-a-run'),
     *[pytest.param([f'--{k}={v}'], [f"--{k}='{v}' is not valid: use"], False, id=f'{k}-{v}')
       for k, v in [('method', 'nope'), ('mask_init', 'nope'), ('score', 'nope'), ('pattern', '4:4'),
-                   ('pattern', 'foo'), ('dtype', 'float8')]],
+                   ('pattern', 'foo'), ('dtype', 'float8'), ('dtype', 'float16')]],
     *[pytest.param([f'--{k}={v}'], [f'--{k}={v} is not valid: it must be {rule}'], False, id=f'{k}-{v}')
-      for k, v, rule in [('learning_rate', 0.0, '> 0'), ('alpha', -0.1, '> 0'), ('n_calib', 0, '> 0'),
+      for k, v, rule in [('learning_rate', 0.0, '> 0'), ('alpha', -0.1, '> 0'), ('hess_interval', 0, '> 0'),
                          ('w_kl', -1.0, '>= 0'), ('grad_clip', -1.0, '>= 0'), ('eval_interval', -1, '>= 0')]],
     pytest.param(['--hard_end=1.5'], ['--hard_end=1.5 is not valid: it is a fraction, at most 1'], False, id='frac'),
     pytest.param(['--hard_start=0.6', '--hard_end=0.5'], ['--hard_start=0.6 is not valid: the quench starts before'],
                  False, id='quench-order'),
     pytest.param(['--gradient_accumulation_steps=3'], [], False, id='accumulation-ok-in-one-process'),
     pytest.param(['--device=cuda'], ['--device=cuda: no CUDA GPU here; use --device=cpu'], False, id='no-cuda'),
-    pytest.param(['--mask_init=sparsegpt', '--pattern=block16'], ['SparseGPT prunes N:M patterns only'], False,
-                 id='sparsegpt-block16'),
+    pytest.param(['--mask_init=zeros'], ['--mask_init=zeros: tiny is not 2:4 (', 'prune it first'], False,
+                 id='zeros-on-a-dense-model'),
     pytest.param(['typed.py'], ["--max_iters='8'", 'expected int, got str'], False, id='config-file-type'),
     pytest.param(['nosuch.py'], ['config file nosuch.py not found'], False, id='config-file-missing'),
     pytest.param(['unknown.py'], ["unknown.py: unknown config key 'lerning_rate'"], False, id='config-file-key'),
@@ -275,18 +293,19 @@ def test_training_ends_exactly_2_4(work):
     ck = saved(work / 'e2e')[1]
     xs = [v.item() for k, v in ck.items() if k.endswith('.x')]
     assert xs == [0.0] * 8  # m_eff = Proj(m) since the quench ended at int(0.5 * 30) = 15
-    # the log's T is gamma to the updates done: one an iteration from 0, none once the mask froze at int(0.5 * 30)
-    assert re.findall(r' T (\S+)', p.stdout) == [f'{0.97 ** n:.3f}' for n in (1, 11, 15)]  # iterations 0, 10, 20
+    # the log's T is the one the last update used: T0 = 1 at the first (iteration 0), then gamma after each, one an
+    # iteration, none once the mask froze at int(0.5 * 30) = 15 (the last update at 14)
+    assert re.findall(r' T (\S+)', p.stdout) == [f'{0.97 ** n:.3f}' for n in (0, 10, 14)]  # iterations 0, 10, 20
     assert_exact_2_4(work / 'e2e', work, ppl(p.stdout, 'final'))
 
 @pytest.mark.parametrize('pattern', ['2:4', 'block16'])
 def test_packed_model_is_the_masked_model(work, pattern):
-    """eval.py --packed on a finished run: the packed decoder holds about half the weight bytes, and its perplexity and
-    greedy tokens are the masked model's (on CPU the Triton interpreter or the twin: the same fp32 products)."""
+    """eval.py --packed on a finished run: the packed decoder holds about half the weight bytes, and its perplexity is
+    the masked model's (on CPU the Triton interpreter or the twin: the same fp32 products)."""
     train(work, *TINY, f'--pattern={pattern}', '--max_iters=4', '--eval_interval=4', '--mask_interval=1',
           '--mask_start=0.0', f'--out_dir=packed_{pattern[-2:]}')
     p = run('eval.py', f'packed_{pattern[-2:]}', '--data=data/pydoc_tiny/val.bin', '--block_size=32', '--packed',
-            '--new_tokens=8', cwd=work)
+            cwd=work)
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.search(rf'pattern {pattern}: 0 violating groups in 8 layers', p.stdout)
     ratio = float(re.search(r'decoder weights packed .* \((\S+)x\)', p.stdout)[1])
@@ -294,33 +313,36 @@ def test_packed_model_is_the_masked_model(work, pattern):
     assert (low < ratio < low + 0.04) if pattern == '2:4' else (0.5 <= ratio < 0.6), ratio
     masked, packed = re.findall(r' (masked|packed) data/pydoc_tiny/val.bin ppl (\S+)', p.stdout)
     assert abs(float(masked[1]) / float(packed[1]) - 1) <= 1e-3 * torch.cuda.is_available(), p.stdout  # CPU: exact
-    assert re.search(r'masked greedy decode [\d.]+ tokens/s', p.stdout) and 'packed greedy decode' in p.stdout
 
 @pytest.mark.parametrize('method', ['magnitude', 'wanda', 'sparsegpt'])
-def test_one_shot_baselines_are_exactly_2_4(work, method):
-    p = train(work, *TINY, f'--method={method}', '--n_calib=8', f'--out_dir={method}')
-    assert re.search(rf'^one-shot {method} 2:4 on 8 x 32 tokens', p.stdout, re.M)
-    assert_exact_2_4(work / method, work, ppl(p.stdout, 'final'))
-
-def test_soft_mask_starts_from_sparsegpt(work):
-    """The default start (mask_init='sparsegpt'): at iteration 0 the student is one-shot SparseGPT's model, to the
-    printed perplexity, and the soft mask trained from there ends exactly 2:4."""
-    args = [*TINY, '--n_calib=8', '--mask_init=sparsegpt']
-    one = train(work, *args, '--method=sparsegpt', '--max_iters=0', '--out_dir=sgpt0').stdout
-    start = train(work, *args, '--max_iters=0', '--out_dir=sf_sgpt0').stdout
-    assert re.search(r'^one-shot sparsegpt 2:4 on 8 x 32 tokens', start, re.M)
-    assert ppl(start, 'final sparseforge') == ppl(one, 'final sparsegpt')
-    p = train(work, *args, '--max_iters=4', '--eval_interval=4', '--mask_interval=1', '--mask_start=0.0',
-              '--out_dir=sf_sgpt')
-    assert_exact_2_4(work / 'sf_sgpt', work, ppl(p.stdout, 'final'))
+def test_fine_tunes_a_pruned_checkpoint_under_its_zeros(work, method):
+    """bench/prune.py writes a standard HF checkpoint, exactly 2:4 with +0.0 where pruned; train.py with
+    --mask_init=zeros fine-tunes it: the weights move, the zeros stay +0.0, and the result is exactly 2:4."""
+    p = run('bench/prune.py', method, '--model=tiny', '--n_calib=8', '--block_size=32', f'--out=pruned_{method}',
+            cwd=work)
+    assert p.returncode == 0 and f'one-shot {method} 2:4 on 8 x 32 tokens' in p.stdout, p.stderr[-2000:]
+    pruned = GPT.from_pretrained(str(work / f'pruned_{method}'))
+    assert sum(check_pattern(pruned, '2:4').values()) == 0
+    p = train(work, *TINY, f'--init_from=pruned_{method}', '--mask_init=zeros', '--dataset=data/pydoc_tiny',
+              '--max_iters=4', '--eval_interval=4', f'--out_dir=ft_{method}')
+    tuned = load(str(work / f'ft_{method}'))[0]
+    layers = {name: l for name, l in tuned.transformer.h.named_modules() if isinstance(l, sf.SparseLinear)}
+    assert len(layers) == 8
+    for name, l in layers.items():
+        w = pruned.transformer.h.get_submodule(name).weight
+        assert torch.equal(w == 0, l.weight == 0) and not torch.equal(w, l.weight), name
+    assert_exact_2_4(work / f'ft_{method}', work, ppl(p.stdout, 'final'))
 
 def test_divergence_stops_and_keeps_the_checkpoint(work):
     """A run that goes non-finite stops before its optimizer step: the checkpoint before it is byte for byte intact."""
     args = [*TINY, '--max_iters=6', '--eval_interval=3', '--out_dir=diverge']
     train(work, *args, '--stop_iter=3')
     before = {f: f.read_bytes() for f in (work / 'diverge').rglob('*') if f.is_file()}
-    p = train(work, *args, '--init_from=resume', '--learning_rate=1e30', ok=False)
-    one_line_error(p, 'iter 4: loss', 'gradient norm nan: the run diverged, stopped', 'ckpt.json is untouched',
+    # a config file runs in train.py's globals: this one makes every gradient norm NaN, as a diverged run's is
+    (work / 'nan.py').write_text("import torch\n"
+                                 "torch.nn.utils.clip_grad_norm_ = lambda params, max_norm: torch.tensor(float('nan'))\n")
+    p = train(work, 'nan.py', *args, '--init_from=resume', ok=False)
+    one_line_error(p, 'iter 3: loss', 'gradient norm nan: the run diverged, stopped', 'ckpt.json is untouched',
                    'lower --learning_rate')
     assert {f: f.read_bytes() for f in (work / 'diverge').rglob('*') if f.is_file()} == before
 
