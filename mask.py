@@ -48,19 +48,14 @@ class MaskedLinear(torch.autograd.Function):
         g2, x2 = g.flatten(0, -2), x.flatten(0, -2)  # (tokens, D), (tokens, C)
         dx = g @ (w * proj.lerp(mask, q).to(w.dtype)).to(g.dtype)
         db = g2.sum(0) if ctx.needs_input_grad[5] else None
-        if hess is None:
-            return dx, g2.T @ x2, None, None, None, db, None
-        # given hess, this micro-batch's Fisher diagonal sum_t (dL/dy_t)^2 x_t^2 (D, C), in fp32 also under autocast
-        with torch.autocast(g.device.type, enabled=False):
-            fisher = g2.float().square().T @ x2.float().square()
-        if ctx.needs_input_grad[6]:  # FSDP: hess is a Parameter, and the estimate its gradient (reduce-scattered)
-            return dx, g2.T @ x2, None, None, None, db, fisher.to(hess.dtype)
-        # a buffer (one process, DDP): the micro-steps' estimates add up in hess.grad, as a gradient would
-        if hess.grad is None:
-            hess.grad = fisher
-        else:
-            hess.grad += fisher
-        return dx, g2.T @ x2, None, None, None, db, None
+        fisher = None
+        if hess is not None:  # this micro-batch's Fisher diagonal sum_t (dL/dy_t)^2 x_t^2 (D, C), fp32 under autocast too
+            with torch.autocast(g.device.type, enabled=False):
+                fisher = (g2.float().square().T @ x2.float().square()).to(hess.dtype)
+        if fisher is not None and not ctx.needs_input_grad[6]:  # a buffer (one process, DDP): micro-steps add up
+            hess.grad = fisher if hess.grad is None else hess.grad + fisher
+            fisher = None
+        return dx, g2.T @ x2, None, None, None, db, fisher  # FSDP: hess is a Parameter, the estimate its gradient
 
 class SparseLinear(nn.Module):
     """y = x (W * m_eff)^T + b, W's gradient straight-through (train.py masks it once finalize() froze m). With

@@ -34,8 +34,9 @@ grad_clip = 1.0  # max global gradient norm (0: off)
 w_task = 1.0  # L = w_task CE + w_kl tau^2 KL(teacher || student)
 w_kl = 1.0  # 0: no teacher
 kd_temp = 2.0  # tau
+teacher_from = ''  # the KD teacher: HF name, dir, .gguf; '' the start model (a pruned start: give its dense model)
 # sparsity
-method = 'sparseforge'  # or 'dense' (KD fine-tuning, no mask)
+method = 'sparseforge'  # or 'ast' (AST: the hard top-N of the score, re-selected), 'dense' (KD fine-tuning, no mask)
 pattern = '2:4'  # 'N:M' (0 < N < M) or 'block16'
 mask_init = 'dense'  # m = 1 (Algorithm 1, line 1), or 'zeros': m = (W != 0) frozen from iteration 0 (a pruned model)
 score = 'hessian'  # OBD saliency by: 'hessian' (per-position Fisher diagonal), 'wanda' (layer Hessian), 'magnitude'
@@ -49,6 +50,8 @@ T_min = 0.05  # T's floor
 alpha = 0.1  # mask EMA rate (Eq. 5)
 mid_penalty = 0.5  # eta * lambda_mid at its peak (Eq. 4)
 slorb = 0  # SLoRB (Eq. 1): a trained dense bypass over sums of k = slorb consecutive inputs (paper: 16); 0: off
+srste_decay = 0.0  # Annealing SR-STE (AST's Eq. 2-3): decay of the pruned weights at its cap (AST); 0: off
+srste_ramp = 0.5  # of max_iters: the decay rises linearly from 0 to its cap here (AST's T_0), then holds
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype; weights and masks stay fp32
@@ -96,7 +99,8 @@ if resume:
         if k not in LAUNCH and (k not in given or k == 'init_from'):
             globals()[k] = v
 ddp, rank, world = 'RANK' in os.environ, int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-CHOICES = dict(method=('sparseforge', 'dense'), mask_init=('dense', 'zeros'), score=('hessian', 'wanda', 'magnitude'),
+CHOICES = dict(method=('sparseforge', 'ast', 'dense'), mask_init=('dense', 'zeros'),
+               score=('hessian', 'wanda', 'magnitude'),
                dtype=('float32', 'bfloat16'))  # float16 would need a gradient scaler: its small gradients underflow
 POSITIVE = ('batch_size', 'block_size', 'gradient_accumulation_steps', 'log_interval', 'hess_interval', 'mask_interval',
             'learning_rate', 'kd_temp', 'T_min', 'alpha', 'gamma')  # 0 would divide by zero or stop it all
@@ -111,6 +115,8 @@ for k, v in config.items():
         sys.exit(f'--{k}={v} is not valid: it is a fraction, at most 1')
 if not sf.valid(pattern):
     sys.exit(f"--pattern={pattern!r} is not valid: use N:M with 0 < N < M (2:4, 4:8, 1:4) or block16")
+if method == 'ast' and score != 'magnitude':
+    sys.exit(f'--method=ast selects weights by magnitude (AST, section 3.2): use --score=magnitude, not {score}')
 if fsdp and not ddp:
     sys.exit('--fsdp=True shards the model over ranks: launch it with torchrun --nproc_per_node=N train.py ...')
 if hard_start > hard_end:
@@ -163,15 +169,21 @@ else:
     model = src.to(device)
 if block_size > model.config.block_size:
     sys.exit(f"--block_size={block_size} is not valid: the model's context is {model.config.block_size}")
-teacher = None
-if w_kl and max_iters:  # the dense start, frozen
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
-layers = []  # the sparse layers; none for method 'dense'
-if method != 'dense':
-    layers = sf.sparsify(model, pattern, score, slorb)
+teacher = copy.deepcopy(model).eval().requires_grad_(False) if w_kl and max_iters else None  # the start, frozen
+tsrc = src  # the teacher's weights: the start model's, or teacher_from's
+if teacher and teacher_from and (master or not fsdp):
+    tsrc = GPT.from_pretrained(*locate(teacher_from))
+    if [p.shape for p in tsrc.parameters()] != [p.shape for p in teacher.parameters()]:
+        sys.exit(f'--teacher_from={teacher_from}: not the shape of {init_from}; give the dense model it was pruned '
+                 'from')
+    if not fsdp:
+        teacher.load_state_dict(tsrc.state_dict())
+models = [m for m in (model, teacher) if m is not None]
+layers = sf.sparsify(model, pattern, score, slorb) if method != 'dense' else []  # the sparse layers
 if compile:  # blocks only: FSDP's and DDP's hooks stay outside the graphs
-    for block in [*model.transformer.h, *(teacher.transformer.h if teacher else [])]:
-        block.forward = torch.compile(block.forward)
+    for m in models:
+        for block in m.transformer.h:
+            block.forward = torch.compile(block.forward)
 if fsdp:  # built on the meta device, sharded, then rank 0 broadcasts the weights and each rank keeps its rows
     for l in layers:  # FSDP shards Parameters, not buffers: mask, proj (frozen) and hess become Parameters, like W
         assert pattern != 'block16' or -(-l.weight.size(0) // world) % 16 == 0, 'FSDP block16: whole bands per rank'
@@ -181,28 +193,28 @@ if fsdp:  # built on the meta device, sharded, then rank 0 broadcasts the weight
             l.hess = torch.nn.Parameter(l.hess)
     model.transformer.wte.sparse = model.config.tie  # tied: the lookup's gradient as rows, not a vocab x C copy
     full = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)  # no mask state in src
-    for m in [model, teacher] if teacher else [model]:
+    for m in models:
         for mod in [*m.transformer.h, m]:  # the root too: else the teacher's embedding is held through the backward
             fully_shard(mod, mp_policy=MixedPrecisionPolicy(getattr(torch, dtype), torch.float32))  # reshards after
         m.to_empty(device=device)
-        dcp.set_model_state_dict(m, src.state_dict() if master else {}, options=full)
+        weights = tsrc if m is teacher else src
+        dcp.set_model_state_dict(m, weights.state_dict() if master else {}, options=full)
     for l in layers:  # m = Proj(m) = 1
         l.reset()
-del src
-if mask_init == 'zeros' and not resume:  # fine-tune a pruned model under its own zeros: m = Proj(m) = (W != 0)
-    bad = torch.tensor(sum(sf.violations(sf.local(l.weight), pattern) for l in layers))
-    if ddp:
+del src, tsrc
+if mask_init == 'zeros' and not resume:  # a pruned model: Proj(m) = (W != 0), then m = Proj(m) at iteration 0
+    for l in layers:
+        sf.local(l.proj).copy_(sf.local(l.weight) != 0)
+    bad = torch.tensor(sum(sf.violations(sf.local(l.proj), pattern) for l in layers))
+    if ddp:  # FSDP: each rank checked its rows
         dist.all_reduce(bad)
     if bad:
-        sys.exit(f'--mask_init=zeros: {init_from} is not {pattern} ({int(bad)} groups hold too many nonzeros); prune it '
-                 'first (bench/prune.py), or start from m = 1 (--mask_init=dense)')
-    for l in layers:
-        sf.local(l.mask).copy_(sf.local(l.weight) != 0)
-        sf.local(l.proj).copy_(sf.local(l.mask))
+        sys.exit(f'--mask_init=zeros: {init_from} is not {pattern} ({int(bad)} groups hold too many nonzeros); '
+                 'prune it first (bench/prune.py), or start from m = 1 (--mask_init=dense)')
+if method == 'ast' and not resume:  # AST starts from the hard top-N by magnitude (its Algorithm 1, line 2)
+    sf.update(layers, score, T=1.0, beta=1.0, lam=0.0, alpha=1.0)
 # DDP steps through a wrapper; buffers (mask, hess, x_sq) are kept equal by all-reduces, not broadcast every forward
-train_model = model
-if ddp and not fsdp:
-    train_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+train_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if ddp and not fsdp else model
 params = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith('.hess')]  # hess: no AdamW
 optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                                {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
@@ -242,6 +254,8 @@ clean(ckpt['shards'] if ckpt else None)
 it_warm, it_mask, it_hard0, it_hard1 = (int(f * max_iters) for f in (warmup, mask_start, hard_start, hard_end))
 if mask_init == 'zeros':  # a pruned model: the mask is binary and frozen from the start
     it_hard0 = it_hard1 = 0
+if method == 'ast':  # AST re-selects its hard mask until the end, where it is final
+    it_hard0 = it_hard1 = max_iters
 
 def get_lr(it):
     if it < it_warm:
@@ -252,6 +266,8 @@ def get_lr(it):
 def get_mask_schedule(it):
     """(T, beta, lam, x) of the mask update at it: T is T0 = 1 at the first update and gamma times the previous one
     after it (Algorithm 1, line 13); beta smoothstep and x from 1 to 0 over the hardening window, lam linear."""
+    if method == 'ast':  # AST's mask is the hard target itself (its Algorithm 1, line 10): no gate, no quench
+        return 1.0, 1.0, 0.0, 1.0
     u = min(1.0, max(0.0, (it - it_hard0) / (it_hard1 - it_hard0))) if it < it_hard1 else 1.0
     # the updates made up to it, this one included: iterations in [it_mask, it_hard1) that are multiples of the interval
     updates = max(0, min(it, it_hard1 - 1) // mask_interval - (it_mask - 1) // mask_interval)
@@ -315,11 +331,16 @@ for iter_num in range(start_iter, end + 1):  # the pass at end evaluates and sav
                  f'stopped; {ckpt_path} is untouched. Try a lower --learning_rate (now {learning_rate:g}), other data')
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if srste_decay and iter_num < it_hard1:  # W <- W - lr lambda_W(t) W (1 - m) (AST Eq. 3), apart from AdamW's moments
+        decay = srste_decay * min(1.0, iter_num / max(1, srste_ramp * max_iters))  # lambda_W(t), AST Eq. 2
+        with torch.no_grad():
+            for l in layers:
+                l.weight.mul_(1 - get_lr(iter_num) * decay * (1 - l.proj))
     if ddp and iter_num < it_hard1:  # one x_sq on every rank: the same masks, exact resume
         for l in layers:
             dist.all_reduce(l.x_sq, op=dist.ReduceOp.AVG)
     if layers and it_mask <= iter_num < it_hard1 and iter_num % mask_interval == 0:
-        stats = sf.update(layers, score, T, beta, lam, alpha)
+        stats = sf.update(layers, score, T, beta, lam, 1.0 if method == 'ast' else alpha)  # AST: m = the target
     dt = time.time() - t0
     if iter_num % log_interval == 0 and master:
         mask_log = ' '.join(f'{k} {v:.3f}' for k, v in stats.items())

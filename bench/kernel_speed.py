@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: s
 import sparse_kernels as sk
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')
-# the issue-32 budget: main-loop warp-instructions per kept weight on sm_90 (memory-bound decode needs about 0.3)
+# the budget: main-loop warp-instructions per kept weight on sm_90 (memory-bound decode needs about 0.3)
 BUDGET = {('2:4', 1): 0.36, ('2:4', 16): 0.5, ('block16', 1): 0.15, ('block16', 16): 0.15}
 D, G, C = 4096, 1024, 4096  # a LLaMA-7B layer: every pointer 16-byte aligned, every size a multiple of 16
 

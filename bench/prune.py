@@ -2,7 +2,7 @@
 zeros where pruned. train.py then fine-tunes it under its own zeros (prune-then-fine-tune), as it would a model pruned
 by any other tool:
     python bench/prune.py sparsegpt --model=smollm2 --out=out/sparsegpt        # or wanda, magnitude; --pattern=block16
-    python train.py --init_from=out/sparsegpt --mask_init=zeros --dataset=data/pydoc_smollm2 --out_dir=out-sgpt-ft
+    python train.py --init_from=out/sparsegpt --mask_init=zeros --teacher_from=smollm2 --dataset=data/pydoc_smollm2
 Blocks are pruned in order, each calibrated on the outputs of the already-pruned blocks before it (Wanda, SparseGPT)."""
 import argparse, json, os, sys
 import numpy as np
@@ -73,7 +73,8 @@ if __name__ == '__main__':
     p.add_argument('--out', required=True, help='the pruned HF checkpoint dir to write')
     a = p.parse_args()
     if not sf.valid(a.pattern) or a.method == 'sparsegpt' and a.pattern == 'block16':
-        sys.exit(f'--pattern={a.pattern} is not valid for {a.method}: use N:M with 0 < N < M (or block16, not SparseGPT)')
+        sys.exit(f'--pattern={a.pattern} is not valid for {a.method}: use N:M with 0 < N < M '
+                 '(or block16, except for SparseGPT)')
     if a.n_calib <= 0 or a.block_size <= 0:
         sys.exit('--n_calib and --block_size must be > 0')
     ddir = data_dir(a.dataset, a.model)

@@ -35,7 +35,8 @@ METHODS = {  # name -> train.py arguments
     'sf-magnitude': ['--mask_init=dense', '--score=magnitude'],
     'wanda-ft': ['--mask_init=zeros'],                        # prune, then KD fine-tuning under the frozen mask
     'sparsegpt-ft': ['--mask_init=zeros'],
-    'ast': ['--method=ast', '--score=magnitude', '--mask_interval=10', '--mask_start=0.0'],  # config/ast_smollm2.py
+    'ast': ['--method=ast', '--score=magnitude', '--mask_interval=10', '--mask_start=0.0', '--srste_decay=30.0',
+            '--srste_ramp=0.5'],                              # config/ast_smollm2.py's method
     'kd-dense': ['--method=dense'],                           # KD fine-tuning without a mask
 }
 PRUNED = {'magnitude': 'magnitude', 'wanda': 'wanda', 'sparsegpt': 'sparsegpt', 'wanda-ft': 'wanda',
@@ -95,15 +96,17 @@ def run(name, iters, seed):
         sh([sys.executable, os.path.join(ROOT, 'bench', 'prune.py'), PRUNED[name], f'--model={a.model}',
             f'--dataset={a.dataset}', f'--block_size={a.block_size}', f'--seed={seed}', f'--out={d}/pruned'],
            os.path.join(d, 'log.txt'))
-        start = [f'--init_from={d}/pruned', f'--dataset={data_dir}']
+        start = [f'--init_from={d}/pruned', f'--dataset={data_dir}', f'--teacher_from={a.model}']  # a dense teacher
     out = sh([sys.executable, os.path.join(ROOT, 'train.py')] + METHODS[name] + common + start + [
         f'--max_iters={iters}', f'--eval_interval={max(1, iters)}', f'--seed={seed}', f'--out_dir={d}'],
         os.path.join(d, 'log.txt'))
     wall = time.time() - t0
     ms = [float(m) for m in re.findall(r'^iter [1-9]\d*: loss .*?, (\d+)ms', out, re.M)]  # iter 0 warms up
-    # each log line shows the last mask update's statistics; T changes at every update, x is 0 once the mask froze
-    stats = [(T, f) for T, x, f in re.findall(r'T (\S+) beta .* x (\S+) mid \S+ dist \S+ flips (\S+)', out) if float(x)]
-    updates = [float(f) for i, (T, f) in enumerate(stats) if i == 0 or T != stats[i - 1][0]]  # one per update
+    # each log line shows the last mask update's statistics: a new update where they change (SparseForge's T changes at
+    # every update; AST's statistics can repeat, 0 flips twice, and then count once); x is 0 once the mask froze
+    stats = re.findall(r'T (\S+) beta .* x (\S+) mid (\S+) dist (\S+) flips (\S+)', out)
+    stats = [(T, mid, dist, f) for T, x, mid, dist, f in stats if float(x)]
+    updates = [float(s[3]) for i, s in enumerate(stats) if i == 0 or s != stats[i - 1]]  # one per update
     row = dict(method=name, iters=iters, seed=seed, tokens=iters * int(re.search(r'tokens per iteration: ([\d,]+)',
                out)[1].replace(',', '')), val_ppl=float(re.search(r'^final .*: val ppl ([\d.]+)$', out, re.M)[1]),
                flips=updates, wall_s=round(wall), ms_iter=round(sum(ms) / len(ms)) if ms else None)
@@ -117,8 +120,9 @@ def run(name, iters, seed):
         out = sh([sys.executable, '-m', 'lm_eval', '--model', 'hf', '--model_args', f'pretrained={d}/hf,dtype=float32',
                   '--tasks', 'sparseforge', '--include_path', TASKS, '--limit', str(a.limit), '--batch_size', '8'],
                  os.path.join(d, 'log.txt'))
-        row |= {t: float(x) for t, x in re.findall(r'^\| - (\w+) *\|[^|]*\|none *\| *0\|acc +\|[^|]*\| *([\d.]+)\|', out, re.M)}
-        row['mean_acc'] = float(re.search(r'^\|sparseforge\|[^|]*\|none *\| *0\|acc +\|[^|]*\| *([\d.]+)\|', out, re.M)[1])
+        acc = r'\|[^|]*\|none *\| *0\|acc +\|[^|]*\| *([\d.]+)\|'  # a row of lm-eval's table: its acc
+        row |= {t: float(x) for t, x in re.findall(r'^\| - (\w+) *' + acc, out, re.M)}
+        row['mean_acc'] = float(re.search(r'^\|sparseforge *' + acc, out, re.M)[1])
         row['acc_no_boolq'] = round((7 * row['mean_acc'] - row['boolq']) / 6, 4)  # BoolQ alone swings on yes/no bias
     for f in os.listdir(d):  # the checkpoint (weights, masks, AdamW: ~1.5 GB for SmolLM2) and the export: not needed
         if os.path.isdir(os.path.join(d, f)):

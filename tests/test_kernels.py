@@ -1,6 +1,6 @@
 """
 Packed formats round-trip exactly; each Triton kernel == its PyTorch twin == dense matmul; the module swap is a no-op;
-and the kernels compiled for sm_80 / sm_90 stay within issue 32's instruction budget. On CPU the kernels run in the
+and the kernels compiled for sm_80 / sm_90 stay within their instruction budget. On CPU the kernels run in the
 Triton interpreter (conftest.py sets it); on CUDA they run for real.
 
     python -m pytest tests/test_kernels.py -q

@@ -317,14 +317,17 @@ def test_packed_model_is_the_masked_model(work, pattern):
 @pytest.mark.parametrize('method', ['magnitude', 'wanda', 'sparsegpt'])
 def test_fine_tunes_a_pruned_checkpoint_under_its_zeros(work, method):
     """bench/prune.py writes a standard HF checkpoint, exactly 2:4 with +0.0 where pruned; train.py with
-    --mask_init=zeros fine-tunes it: the weights move, the zeros stay +0.0, and the result is exactly 2:4."""
+    --mask_init=zeros fine-tunes it, the dense model teaching (--teacher_from): the weights move, the zeros stay +0.0,
+    and the result is exactly 2:4."""
     p = run('bench/prune.py', method, '--model=tiny', '--n_calib=8', '--block_size=32', f'--out=pruned_{method}',
             cwd=work)
     assert p.returncode == 0 and f'one-shot {method} 2:4 on 8 x 32 tokens' in p.stdout, p.stderr[-2000:]
     pruned = GPT.from_pretrained(str(work / f'pruned_{method}'))
     assert sum(check_pattern(pruned, '2:4').values()) == 0
     p = train(work, *TINY, f'--init_from=pruned_{method}', '--mask_init=zeros', '--dataset=data/pydoc_tiny',
-              '--max_iters=4', '--eval_interval=4', f'--out_dir=ft_{method}')
+              '--teacher_from=tiny', '--max_iters=4', '--eval_interval=4', '--log_interval=1', f'--out_dir=ft_{method}')
+    loss, ce = re.search(r'^iter 0: loss (\S+) \(ce (\S+)\)', p.stdout, re.M).groups()
+    assert float(loss) - float(ce) > 1e-3  # the dense model teaches: at iteration 0 the student differs from it
     tuned = load(str(work / f'ft_{method}'))[0]
     layers = {name: l for name, l in tuned.transformer.h.named_modules() if isinstance(l, sf.SparseLinear)}
     assert len(layers) == 8
@@ -332,6 +335,29 @@ def test_fine_tunes_a_pruned_checkpoint_under_its_zeros(work, method):
         w = pruned.transformer.h.get_submodule(name).weight
         assert torch.equal(w == 0, l.weight == 0) and not torch.equal(w, l.weight), name
     assert_exact_2_4(work / f'ft_{method}', work, ppl(p.stdout, 'final'))
+
+def test_ast_decays_pruned_weights_and_keeps_the_pattern(work):
+    """AST (--method=ast): after every re-selection the mask is exactly the magnitude top-2 of every group of 4, and
+    m_eff = m. With the SR-STE decay at its cap from iteration 1 (ramp 0), each step multiplies a pruned weight by
+    1 - lr * decay = 0.9 while a kept weight gets no decay: at iteration 3 a pruned weight is 0.81 of its start
+    (steps 1 and 2), a kept one moves only by AdamW's 3 steps of about 1e-4. The run ends exactly 2:4 (resumed)."""
+    args = [*TINY, '--method=ast', '--score=magnitude', '--mask_interval=1', '--mask_start=0.0', '--max_iters=6',
+            '--eval_interval=3', '--log_interval=1', '--srste_decay=1000.0', '--srste_ramp=0.0',
+            '--learning_rate=1e-4', '--min_lr=1e-4', '--warmup=0.0', '--weight_decay=0.0', '--out_dir=ast']
+    first = train(work, *args, '--stop_iter=3').stdout
+    flips = [float(f) for f in re.findall(r' flips (\S+)', first)]
+    assert len(flips) == 3 and flips[0] < 0.01 and flips[1:] == [0.0, 0.0], first  # the decay settles the pattern
+    start = GPT.from_pretrained(str(work / 'tiny')).state_dict()
+    ck = saved(work / 'ast')[1]
+    for k in [k for k in ck if k.endswith('.mask')]:
+        m, w0, w = ck[k], start[k[:-4] + 'weight'], ck[k[:-4] + 'weight']
+        assert torch.equal(m, sf.project(w.abs(), '2:4')) and torch.equal(ck[k[:-4] + 'proj'], m), k
+        big = w0.abs() > 0.05  # Adam's steps (3e-4 in all) stay below 0.6% of these
+        ratio = (w / w0)[(m == 0) & (sf.project(w0.abs(), '2:4') == 0) & big]  # pruned from the start
+        assert ratio.numel() > 0 and ((ratio - 0.81).abs() < 0.01).all(), (k, ratio.min(), ratio.max())
+        assert ((w - w0)[(m == 1) & big].abs() < 4e-4).all(), k  # a decay would be 0.01 at least
+    second = train(work, '--out_dir=ast', '--init_from=resume').stdout
+    assert_exact_2_4(work / 'ast', work, ppl(second, 'final'))
 
 def test_divergence_stops_and_keeps_the_checkpoint(work):
     """A run that goes non-finite stops before its optimizer step: the checkpoint before it is byte for byte intact."""
