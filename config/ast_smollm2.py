@@ -2,7 +2,7 @@
 # through the same loop and budget as the default (config/smollm2_24.py): the mask is the hard magnitude top-2 of every
 # group of 4 from the first step, re-selected every 10 steps (AST section 3.2 and its Algorithm 1; m_eff = m, no gate,
 # no quench), pruned weights decay by Annealing SR-STE (AST Eq. 2-3), and the dense model teaches (KD).
-# Hardware: any CPU, offline; AST_TIME
+# Hardware: any CPU, offline; an iteration costs about what the default's does (10-12 s on an idle 2-core VM).
 #   python prepare.py pydoc --model=smollm2
 #   python train.py config/ast_smollm2.py
 init_from = 'smollm2'
