@@ -49,7 +49,7 @@ class MaskedLinear(torch.autograd.Function):
         dx = g @ (w * proj.lerp(mask, q).to(w.dtype)).to(g.dtype)
         db = g2.sum(0) if ctx.needs_input_grad[5] else None
         fisher = None
-        if hess is not None:  # this micro-batch's Fisher diagonal sum_t (dL/dy_t)^2 x_t^2 (D, C), fp32 under autocast too
+        if hess is not None:  # this micro-batch's Fisher diagonal sum_t (dL/dy_t)^2 x_t^2 (D, C), in fp32 always
             with torch.autocast(g.device.type, enabled=False):
                 fisher = (g2.float().square().T @ x2.float().square()).to(hess.dtype)
         if fisher is not None and not ctx.needs_input_grad[6]:  # a buffer (one process, DDP): micro-steps add up
