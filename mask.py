@@ -67,22 +67,25 @@ class SparseLinear(nn.Module):
         self.slorb = nn.Parameter(linear.weight.new_zeros(D, C // slorb)) if slorb else None  # B: the student = teacher
         self.collect, self.estimate = True, False  # set by train.py: input statistics, Fisher estimate this step
         new = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=linear.weight.device)
+        wanda = score == 'wanda'
         self.register_buffer('mask', new(D, C))  # m in [0, 1]
         self.register_buffer('proj', new(D, C))  # Proj(m), refreshed with m
         self.register_buffer('hess', new(D, C) if score == 'hessian' else None)  # EMA of the Fisher diagonal
-        self.register_buffer('x_sq', new(C))  # EMA of x_j^2 (the wanda score; logged for every score)
+        self.register_buffer('x_sq', new(C) if wanda else None)  # EMA of E[x_j^2] (the wanda score)
+        self.register_buffer('x_sum', new(C) if wanda else None, persistent=False)  # this step's micro-batch means
         self.register_buffer('x', new(()))  # quench mix: m_eff = x m + (1 - x) Proj(m)
         self.reset()
 
     @torch.no_grad()
     def reset(self):  # the start: m = Proj(m) = 1 (the student is the dense teacher), no statistics yet
-        for t, v in ((self.mask, 1), (self.proj, 1), (self.hess, 0), (self.x_sq, 0), (self.x, 1), (self.slorb, 0)):
-            if t is not None:  # hess is None unless score == 'hessian', slorb unless k > 0
-                t.fill_(v)
+        start = {'mask': 1, 'proj': 1, 'hess': 0, 'x_sq': 0, 'x_sum': 0, 'x': 1, 'slorb': 0}
+        for name, v in start.items():
+            if getattr(self, name) is not None:  # each score keeps only its own statistics; slorb only if k > 0
+                getattr(self, name).fill_(v)
 
     def forward(self, x):
-        if self.training and self.collect:  # running mean of x_j^2 for the wanda score, while the mask can change
-            self.x_sq.lerp_(x.detach().float().pow(2).flatten(0, -2).mean(0), 0.02)
+        if self.x_sum is not None and self.training and self.collect:  # E[x_j^2] of this micro-batch, summed
+            self.x_sum += x.detach().float().pow(2).flatten(0, -2).mean(0)
         hess = self.hess if self.estimate else None  # this step's backward updates the Fisher EMA
         y = MaskedLinear.apply(x, self.weight, self.mask, self.proj, self.x, self.bias, hess)
         return y if self.slorb is None else y + nn.functional.linear(x.unflatten(-1, (-1, self.k)).sum(-1), self.slorb)
@@ -116,17 +119,22 @@ def score(l, kind):
     return W if kind == 'magnitude' else W * l.x_sq.sqrt()
 
 @torch.no_grad()
-def fisher_from_grad(layers, micro_steps):
-    """Advance each Fisher EMA once per estimate step. The step's estimate is hess's gradient: the sum over this rank's
-    micro-steps of (dL/dy)^2 x^2 with the loss divided by micro_steps, averaged over ranks (FSDP reduce-scatters it,
-    DDP's all-reduce is here); times micro_steps it is the mean per micro-batch, whatever the number of ranks."""
+def step_statistics(layers, micro_steps):
+    """Advance the score's EMA once per step by the mean over the step's micro-batches on all ranks, whatever their
+    number. Fisher: hess.grad sums this rank's (dL/dy)^2 x^2 with the loss / micro_steps, averaged over ranks (FSDP's
+    reduce-scatter, DDP's all-reduce here): times micro_steps, the mean per micro-batch. Wanda: x_sum, see forward."""
+    distributed = torch.distributed.is_initialized()
     for l in layers:
-        if l.hess is None or l.hess.grad is None:
-            continue
-        if torch.distributed.is_initialized() and not isinstance(l.hess, nn.Parameter):
-            torch.distributed.all_reduce(l.hess.grad, op=torch.distributed.ReduceOp.AVG)
-        local(l.hess).lerp_(local(l.hess.grad) * micro_steps, 0.02)
-        l.hess.grad = None
+        if l.x_sum is not None and l.collect:
+            if distributed:
+                torch.distributed.all_reduce(l.x_sum, op=torch.distributed.ReduceOp.AVG)
+            l.x_sq.lerp_(l.x_sum / micro_steps, 0.02)
+            l.x_sum.zero_()
+        if l.hess is not None and l.hess.grad is not None:
+            if distributed and not isinstance(l.hess, nn.Parameter):
+                torch.distributed.all_reduce(l.hess.grad, op=torch.distributed.ReduceOp.AVG)
+            local(l.hess).lerp_(local(l.hess.grad) * micro_steps, 0.02)
+            l.hess.grad = None
 
 @torch.no_grad()
 def update(layers, kind, T, beta, lam, alpha=0.1):

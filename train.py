@@ -321,7 +321,7 @@ for iter_num in range(start_iter, end + 1):  # the pass at end evaluates and sav
         with ctx:
             loss, task = loss_fn(train_model, X, Y)
         (loss / gradient_accumulation_steps).backward()
-    sf.fisher_from_grad(layers, gradient_accumulation_steps)  # the Fisher EMA: once per step, as in every launch mode
+    sf.step_statistics(layers, gradient_accumulation_steps)  # the score's EMA: once per step, whatever the ranks
     if iter_num >= it_hard1:  # the frozen pattern (finalize): pruned weights stay 0
         for l in layers:
             l.weight.grad.mul_(l.mask)
@@ -336,9 +336,6 @@ for iter_num in range(start_iter, end + 1):  # the pass at end evaluates and sav
         with torch.no_grad():
             for l in layers:
                 l.weight.mul_(1 - get_lr(iter_num) * decay * (1 - l.proj))
-    if ddp and iter_num < it_hard1:  # one x_sq on every rank: the same masks, exact resume
-        for l in layers:
-            dist.all_reduce(l.x_sq, op=dist.ReduceOp.AVG)
     if layers and it_mask <= iter_num < it_hard1 and iter_num % mask_interval == 0:
         stats = sf.update(layers, score, T, beta, lam, 1.0 if method == 'ast' else alpha)  # AST: m = the target
     dt = time.time() - t0

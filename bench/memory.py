@@ -84,7 +84,7 @@ block = model.transformer.h[0]
 x, rope = model.embed(torch.zeros(1, a.tokens, dtype=torch.long))
 x.requires_grad_(True)
 with torch.autocast('cpu', dtype=torch.bfloat16):
-    kept = saved_bytes(lambda x: block(x, rope, None, 0), block, x)
+    kept = saved_bytes(lambda x: block(x, rope), block, x)
 wm = sum(l.weight.numel() for l in layers) * 2  # bytes of the bf16 W * m_eff that F.linear(x, W * m_eff) would keep
 print(f'LLaMA-2-7B-shaped block, {a.tokens} tokens, bf16 autocast: {kept / a.tokens / 2**10:.1f} KiB kept per token '
       f'({kept * 4096 / a.tokens * 32 / 2**30:.1f} GiB for 4096 tokens x 32 blocks); W * m_eff would add '

@@ -47,7 +47,7 @@ def test_fisher_is_exact_and_estimates_the_gauss_newton_diagonal():
     l.estimate = True
     F.cross_entropy(torch.tanh(l(x)) * 3, y).backward()
     assert torch.allclose(l.hess.grad, exact, rtol=1e-5, atol=1e-12)  # the step's estimate, in hess.grad
-    sf.fisher_from_grad([l], micro_steps=1)
+    sf.step_statistics([l], micro_steps=1)
     assert torch.allclose(l.hess / 0.02, exact, rtol=1e-5, atol=1e-12) and l.hess.grad is None  # H = 0.02 * estimate
     ggn = torch.zeros(4, 8)
     for xt in x:  # J^T (diag(p) - p p^T) J per token, J = d logits / dW (4, 4 * 8)
@@ -63,9 +63,9 @@ def test_fisher_is_exact_and_estimates_the_gauss_newton_diagonal():
         mean += l.hess.grad / 2000
     assert (mean - ggn).norm() / ggn.norm() < 0.05
 
-def test_fisher_ema_advances_once_per_step():
+def test_statistics_advance_once_per_step():
     """Gradient accumulation: the micro-steps' estimates add up in hess.grad, and the EMA advances once a step, by
-    their mean per micro-batch (the loss divided by the micro-steps, as train.py divides it)."""
+    their mean per micro-batch (the loss divided by the micro-steps, as train.py divides it); x_sq alike."""
     l, ref = layer(4, 8), layer(4, 8)  # the same weights
     l.estimate = ref.estimate = True
     x = torch.randn(3, 16, 8)
@@ -76,8 +76,14 @@ def test_fisher_ema_advances_once_per_step():
         ref(xm).square().mean().backward()
         estimates.append(ref.hess.grad)
     assert torch.equal(l.hess, torch.zeros(4, 8))  # nothing moved yet
-    sf.fisher_from_grad([l], micro_steps=3)
+    sf.step_statistics([l], micro_steps=3)
     assert torch.allclose(l.hess, 0.02 * sum(estimates) / 3, rtol=1e-5, atol=1e-12)
+    w = sf.SparseLinear(nn.Linear(8, 4), '2:4', score='wanda')  # the wanda statistic E[x_j^2] the same way
+    for xm in x:
+        w(xm)
+    assert torch.equal(w.x_sq, torch.zeros(8))
+    sf.step_statistics([w], micro_steps=3)
+    assert torch.allclose(w.x_sq, 0.02 * x.square().mean((0, 1))) and not w.x_sum.any()
 
 def test_fisher_in_a_model_carries_signal():
     torch.manual_seed(0)
@@ -88,7 +94,7 @@ def test_fisher_in_a_model_carries_signal():
         l.estimate = True
     idx = torch.randint(0, 64, (4, 32))
     model(idx, idx)[1].backward()  # an ordinary backward, through fused attention
-    sf.fisher_from_grad(layers, micro_steps=1)
+    sf.step_statistics(layers, micro_steps=1)
     for l in layers:
         assert l.hess.min() >= 0 and l.hess.mean() > 0
         differs = (sf.project(sf.score(l, 'hessian'), '2:4') != sf.project(sf.score(l, 'magnitude'), '2:4'))
