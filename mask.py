@@ -67,12 +67,11 @@ class SparseLinear(nn.Module):
         self.slorb = nn.Parameter(linear.weight.new_zeros(D, C // slorb)) if slorb else None  # B: the student = teacher
         self.collect, self.estimate = True, False  # set by train.py: input statistics, Fisher estimate this step
         new = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=linear.weight.device)
-        wanda = score == 'wanda'
         self.register_buffer('mask', new(D, C))  # m in [0, 1]
         self.register_buffer('proj', new(D, C))  # Proj(m), refreshed with m
         self.register_buffer('hess', new(D, C) if score == 'hessian' else None)  # EMA of the Fisher diagonal
-        self.register_buffer('x_sq', new(C) if wanda else None)  # EMA of E[x_j^2] (the wanda score)
-        self.register_buffer('x_sum', new(C) if wanda else None, persistent=False)  # this step's micro-batch means
+        self.register_buffer('x_sq', new(C) if score == 'wanda' else None)  # EMA of E[x_j^2] (the wanda score)
+        self.register_buffer('x_sum', new(C) if score == 'wanda' else None, persistent=False)  # summed over the step
         self.register_buffer('x', new(()))  # quench mix: m_eff = x m + (1 - x) Proj(m)
         self.reset()
 
